@@ -1,0 +1,222 @@
+"""Forward hooks that accumulate each layer's input moments.
+
+:class:`MomentCollector` owns the hooks; use it as a context manager so they are removed even
+when the forward pass raises. Statistics are raw float64 sums (``sum x x^T``, ``sum x``) and a
+count, normalised only when a solver asks for Sigma, so collections from several runs or
+machines merge by adding.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import InputError, NumericalError
+from .moments import ConvGeometry, conv_geometry, conv_input_moments, linear_input_moments
+
+__all__ = ["LayerMoments", "MomentCollector", "select_layers", "DEFAULT_MAX_DIM"]
+
+#: Largest per-group patch length ``D`` stored by default. A ``D x D`` float64 accumulator of
+#: 8192 is 512 MiB; larger layers (e.g. a VGG classifier on 25088 inputs) are skipped with a
+#: reason recorded in the store, so a 24 GiB machine never runs out of memory.
+DEFAULT_MAX_DIM = 8192
+
+
+@dataclass
+class LayerMoments:
+    """Raw input statistics of one layer.
+
+    ``xxT``: ``(g, D, D)`` float64 sum of ``x x^T``; ``x_sum``: ``(g, D)`` float64 sum of ``x``;
+    ``count``: number of samples (patches / tokens) per group. ``meta`` holds the layer type,
+    weight shape and geometry (stored as HDF5 attributes).
+    """
+
+    xxT: torch.Tensor
+    x_sum: torch.Tensor
+    count: int
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def groups(self) -> int:
+        return self.xxT.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.xxT.shape[-1]
+
+    def mean(self) -> torch.Tensor:
+        """``mu = E[x]``, shape ``(g, D)``."""
+        return self.x_sum / self.count
+
+    def second_moment(self) -> torch.Tensor:
+        """Uncentred ``Sigma = E[x x^T]``, shape ``(g, D, D)``."""
+        return self.xxT / self.count
+
+    def covariance(self) -> torch.Tensor:
+        """Centred ``Sigma_c = E[x x^T] - mu mu^T``, shape ``(g, D, D)``."""
+        mu = self.mean()
+        return self.second_moment() - mu.unsqueeze(-1) * mu.unsqueeze(-2)
+
+    def to_cpu(self) -> "LayerMoments":
+        return LayerMoments(self.xxT.cpu(), self.x_sum.cpu(), self.count, dict(self.meta))
+
+    def add(self, other: "LayerMoments") -> "LayerMoments":
+        return LayerMoments(self.xxT + other.xxT, self.x_sum + other.x_sum,
+                            self.count + other.count, dict(self.meta))
+
+
+def layer_meta(module: nn.Module) -> dict:
+    """Attributes recorded for a layer: type, weight shape and, for convs, the geometry."""
+    meta = {"type": type(module).__name__, "weight_shape": list(module.weight.shape)}
+    if isinstance(module, nn.Conv2d):
+        geo = conv_geometry(module)
+        meta.update(
+            kind="conv2d",
+            kernel_size=list(geo.kernel_size),
+            stride=list(geo.stride),
+            padding=list(geo.pad),
+            dilation=list(geo.dilation),
+            groups=geo.groups,
+            padding_mode=geo.padding_mode,
+            unfold_order="channel,row,col",
+        )
+    else:
+        meta.update(kind="linear", groups=1, unfold_order="feature")
+    return meta
+
+
+def _compile_patterns(patterns: str | list[str] | None):
+    if not patterns:
+        return None
+    if isinstance(patterns, str):
+        patterns = [p for p in patterns.split(",") if p.strip()]
+    compiled = []
+    for p in patterns:
+        p = p.strip()
+        if p.startswith("re:"):
+            compiled.append(re.compile(p[3:]).search)
+        else:
+            compiled.append(lambda name, p=p: fnmatch.fnmatchcase(name, p))
+    return compiled
+
+
+def select_layers(model: nn.Module, patterns: str | list[str] | None = None) -> list[str]:
+    """Qualified names of the ``nn.Conv2d`` / ``nn.Linear`` layers matching ``patterns``.
+
+    ``patterns`` is a list (or comma-separated string) of shell-style globs on qualified names
+    (``layer1.*``, ``*.conv2``), or regular expressions prefixed with ``re:``; ``None`` selects
+    every Conv2d / Linear. Raises :class:`InputError` when a pattern matches nothing.
+    """
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    matchers = _compile_patterns(patterns)
+    if matchers is None:
+        return names
+    chosen = [n for n in names if any(match(n) for match in matchers)]
+    if not chosen:
+        raise InputError(
+            f"--layers {patterns!r} matches none of the model's {len(names)} Conv2d/Linear layers",
+            hint="use glob patterns on qualified names, e.g. 'layer1.*' or '*.conv2'; "
+            f"some names are: {', '.join(names[:6])}",
+        )
+    return chosen
+
+
+class MomentCollector:
+    """Owns forward pre-hooks on selected layers and accumulates their input moments.
+
+    Example::
+
+        with MomentCollector(model, layers=["layer*"]) as col:
+            for batch in loader:
+                model(batch)
+        stats = col.moments  # {qualified name: LayerMoments}
+
+    Layers whose patch length exceeds ``max_dim`` are not hooked; ``skipped`` maps their name to
+    the reason. Every batch is checked for NaN / Inf: a :class:`NumericalError` names the first
+    layer whose input was not finite.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: str | list[str] | None = None,
+        max_dim: int = DEFAULT_MAX_DIM,
+        accumulate_device: torch.device | str | None = None,
+    ):
+        self.model = model
+        self.max_dim = max_dim
+        self.names = select_layers(model, layers)
+        self.modules = dict(model.named_modules())
+        self.accumulate_device = accumulate_device
+        self.moments: dict[str, LayerMoments] = {}
+        self.skipped: dict[str, str] = {}
+        self._handles: list = []
+        self._geos: dict[str, ConvGeometry] = {}
+        for name in self.names:
+            module = self.modules[name]
+            if isinstance(module, nn.Conv2d):
+                self._geos[name] = conv_geometry(module)
+                dim = self._geos[name].dim
+            else:
+                dim = module.in_features
+            if dim > max_dim:
+                self.skipped[name] = (
+                    f"input dimension {dim} > max_dim {max_dim}: its float64 Sigma would take "
+                    f"{dim * dim * 8 / 2**30:.1f} GiB (raise --max-dim to store it)"
+                )
+        self.hooked = [n for n in self.names if n not in self.skipped]
+
+    # -- context manager -------------------------------------------------------------------
+    def __enter__(self) -> "MomentCollector":
+        for name in self.hooked:
+            module = self.modules[name]
+            self._handles.append(module.register_forward_pre_hook(self._make_hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Remove every hook (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # -- hooks -----------------------------------------------------------------------------
+    def _make_hook(self, name: str):
+        module = self.modules[name]
+        geo = self._geos.get(name)
+
+        def hook(_module, inputs):
+            x = inputs[0].detach()
+            with torch.no_grad():
+                if geo is not None:
+                    xxT, x_sum, count = conv_input_moments(x, geo)
+                else:
+                    xxT, x_sum, count = linear_input_moments(x)
+                # NaN / Inf anywhere in x shows up in its sums (x^2 on the diagonal).
+                if not (torch.isfinite(x_sum).all() and torch.isfinite(torch.diagonal(xxT, dim1=1, dim2=2)).all()):
+                    raise NumericalError(
+                        f"layer '{name}' received NaN or Inf activations",
+                        hint="check the model's weights and the input normalisation "
+                        "(--mean/--std); a model that overflows in half precision needs float32",
+                    )
+                self._accumulate(name, module, xxT, x_sum, count)
+
+        return hook
+
+    def _accumulate(self, name, module, xxT, x_sum, count) -> None:
+        dev = self.accumulate_device or xxT.device
+        xxT = xxT.to(dev, torch.float64)
+        x_sum = x_sum.to(dev, torch.float64)
+        if name not in self.moments:
+            self.moments[name] = LayerMoments(xxT, x_sum, count, layer_meta(module))
+        else:
+            acc = self.moments[name]
+            acc.xxT += xxT
+            acc.x_sum += x_sum
+            acc.count += count

@@ -1,0 +1,303 @@
+"""Streaming second moments of the inputs that Conv2d / Linear layers see.
+
+These are pure functions on tensors. For a Conv2d with weight ``(T, S, kh, kw)`` and ``g``
+groups, each output position sees an unfolded patch ``x`` of length ``D = (S/g)*kh*kw`` per
+group, in the ``(channel, row, column)`` order of :func:`torch.nn.functional.unfold`. The layer
+computes ``y = W x + b`` with ``W = weight.reshape(T, D)`` (per group). We accumulate, over
+every image and every output position,
+
+* ``xxT[g]  = sum x x^T``   shape ``(g, D, D)``
+* ``x_sum[g] = sum x``       shape ``(g, D)``
+* ``count``  = number of patches (per group; equal for every group)
+
+**Why not unfold?** ``unfold`` copies every input value ``kh*kw`` times and ``X^T X`` on the
+unfolded matrix costs ``P * D^2`` multiply-adds for ``P`` patches, that is ``D/T`` (about 9x
+for a 3x3 conv with ``T = S``) the cost of the convolution itself. Instead we use the block
+structure of Sigma: the ``(a, b)`` block (kernel offsets ``a``, ``b``) is
+
+    sum_p X[:, s*p + d*a] X[:, s*p + d*b]^T
+
+a cross-product of two *shifted windows* of the (padded) input. Writing ``d*a = s*o_a + f_a``
+(offset ``o_a`` and phase ``f_a`` on the stride lattice), both windows live on strided
+sub-images ``X[f::s]`` and are contiguous there; pairs of offsets with the same phases and the
+same relative shift ``o_b - o_a`` share one cross-correlation and differ only by where their
+window starts. We cut the sub-image at every window edge into cells, compute one small GEMM
+per cell and lag, and add cells up per block. The cost is about ``P * C^2`` per distinct lag
+(13 lags for a 3x3 conv, versus 40.5 for a symmetric ``X^T X`` of the unfolded patches), the
+same float32 GEMMs, no unfolded copy, and the result is exact.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "ConvGeometry",
+    "conv_geometry",
+    "conv_input_moments",
+    "linear_input_moments",
+    "unfold_patches",
+]
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Everything about a Conv2d that determines the patches it sees.
+
+    ``pad`` is ``(top, bottom, left, right)`` (may be asymmetric for ``padding='same'``).
+    """
+
+    in_channels: int
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    pad: tuple[int, int, int, int]
+    dilation: tuple[int, int]
+    groups: int
+    padding_mode: str = "zeros"
+
+    @property
+    def dim(self) -> int:
+        """Patch length per group, ``D = (S/g)*kh*kw``."""
+        return self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
+
+
+def conv_geometry(conv: torch.nn.Conv2d) -> ConvGeometry:
+    """Read the geometry of a ``nn.Conv2d`` (handles ``padding='same'/'valid'``)."""
+    kh, kw = conv.kernel_size
+    dh, dw = conv.dilation
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            pad = (0, 0, 0, 0)
+        else:  # 'same': torch puts the extra pixel at the end
+            th, tw = dh * (kh - 1), dw * (kw - 1)
+            pad = (th // 2, th - th // 2, tw // 2, tw - tw // 2)
+    else:
+        ph, pw = conv.padding
+        pad = (ph, ph, pw, pw)
+    return ConvGeometry(
+        in_channels=conv.in_channels,
+        kernel_size=(kh, kw),
+        stride=tuple(conv.stride),
+        pad=pad,
+        dilation=(dh, dw),
+        groups=conv.groups,
+        padding_mode=conv.padding_mode,
+    )
+
+
+def _pad(x: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
+    top, bottom, left, right = geo.pad
+    if top == bottom == left == right == 0:
+        return x
+    mode = "constant" if geo.padding_mode == "zeros" else geo.padding_mode
+    return F.pad(x, (left, right, top, bottom), mode=mode)
+
+
+def unfold_patches(x: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
+    """Reference unfolding: ``(N, S, H, W) -> (g, N*L, D)`` patches exactly as the conv sees them.
+
+    Slow and memory hungry (it copies every input value ``kh*kw`` times); used by tests and
+    as a reference, not by the calibration hooks.
+    """
+    xp = _pad(x, geo)
+    cols = F.unfold(xp, geo.kernel_size, dilation=geo.dilation, stride=geo.stride)  # (N, S*kk, L)
+    n, _, length = cols.shape
+    g = geo.groups
+    cols = cols.reshape(n, g, geo.dim, length).permute(1, 0, 3, 2)
+    return cols.reshape(g, n * length, geo.dim)
+
+
+def _axis_plan(size_padded: int, k: int, s: int, d: int):
+    """Per kernel offset along one axis: (phase, offset) on the stride lattice, and output length."""
+    out = (size_padded - d * (k - 1) - 1) // s + 1
+    plan = [divmod(d * a, s)[::-1] for a in range(k)]  # (phase f, offset o) with d*a = s*o + f
+    return plan, out
+
+
+def _lag_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``sum_m a[m]^T b[m]`` per group: ``(M, g, Cg) x (M, g, Cg) -> (g, Cg, Cg)``, no copies."""
+    if a.shape[1] == 1:
+        return (a[:, 0].T @ b[:, 0]).unsqueeze(0)
+    if a.shape[2] == 1:  # depthwise: one number per group
+        return (a[:, :, 0] * b[:, :, 0]).sum(0).reshape(-1, 1, 1)
+    return torch.bmm(a.permute(1, 2, 0), b.permute(1, 0, 2))
+
+
+def _unfold_moments(x: torch.Tensor, geo: ConvGeometry, max_elems: int = 1 << 26):
+    """Moments by explicit unfolding, in chunks of at most ``max_elems`` unfolded values."""
+    per_image = None
+    xxT = x_sum = None
+    count = 0
+    n = x.shape[0]
+    step = n
+    i = 0
+    while i < n:
+        patches = unfold_patches(x[i : i + step], geo)  # (g, P, D)
+        if per_image is None:
+            per_image = patches.numel() // max(1, min(step, n - i))
+            step = max(1, max_elems // max(1, per_image))
+            if patches.numel() > max_elems and step < n - i:
+                continue  # redo this chunk smaller
+        part = torch.bmm(patches.transpose(1, 2), patches)
+        xxT = part if xxT is None else xxT + part
+        s = patches.sum(1)
+        x_sum = s if x_sum is None else x_sum + s
+        count += patches.shape[1]
+        i += min(step, n - i) if per_image is not None else n
+    return xxT, x_sum, count
+
+
+def conv_input_moments(
+    x: torch.Tensor,
+    geo: ConvGeometry,
+    compute_dtype: torch.dtype | None = None,
+    method: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Exact ``(sum x x^T, sum x, count)`` over all patches a Conv2d sees in the batch ``x``.
+
+    Args:
+        x: conv input ``(N, S, H, W)`` (or ``(S, H, W)``).
+        geo: the conv's geometry (:func:`conv_geometry`).
+        compute_dtype: dtype of the GEMMs; default float32 for half / float32 inputs and
+            float64 for float64 inputs.
+        method: ``"lag"`` (shifted-window products, see the module docstring), ``"unfold"``
+            (explicit patches, cheaper when there are few channels per group, e.g. an RGB stem
+            or a depthwise conv) or ``"auto"``.
+
+    Returns:
+        ``xxT (g, D, D)``, ``x_sum (g, D)`` in ``compute_dtype`` and the number of patches per
+        group. The caller adds them into float64 accumulators.
+    """
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if compute_dtype is None:
+        compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x = x.to(compute_dtype)
+    g = geo.groups
+    kh, kw = geo.kernel_size
+    cg = x.shape[1] // g
+    if method == "auto":
+        method = "lag" if (kh * kw == 1 or cg >= 8) else "unfold"
+    if method == "unfold":
+        return _unfold_moments(x, geo)
+
+    sh, sw = geo.stride
+    dh, dw = geo.dilation
+    n = x.shape[0]
+    xp = _pad(x, geo)
+    hp, wp = xp.shape[-2:]
+    rows, ho = _axis_plan(hp, kh, sh, dh)
+    cols, wo = _axis_plan(wp, kw, sw, dw)
+    if ho <= 0 or wo <= 0:
+        raise ValueError(f"input {tuple(x.shape)} is smaller than the kernel for {geo}")
+    # Every phase sub-image X[fr::sh, fc::sw] goes, channels-last and zero-filled to a common
+    # (hs, ws) grid, into a flat (front + N*hs*ws + back, g, Cg) buffer. A lag is then a shift of
+    # the flat index, and the product over *all* positions is one GEMM on two views, no copies.
+    hs, ws = -(-hp // sh), -(-wp // sw)
+    m = n * hs * ws
+    kk = kh * kw
+    offsets = [(i, j) for i in range(kh) for j in range(kw)]
+    groups_of_pairs: dict[tuple, list[tuple[int, int]]] = {}
+    for ia, ib in itertools.combinations_with_replacement(range(kk), 2):
+        (ai, aj), (bi, bj) = offsets[ia], offsets[ib]
+        key = (rows[ai][0], cols[aj][0], rows[bi][0], cols[bj][0],
+               rows[bi][1] - rows[ai][1], cols[bj][1] - cols[aj][1])
+        groups_of_pairs.setdefault(key, []).append((ia, ib))
+    shifts = [lag_i * ws + lag_j for (*_, lag_i, lag_j) in groups_of_pairs]
+    front, back = max(0, -min(shifts)), max(0, max(shifts))
+    bufs: dict[tuple[int, int], torch.Tensor] = {}
+
+    def phase_buffer(fr: int, fc: int) -> torch.Tensor:
+        if (fr, fc) not in bufs:
+            buf = x.new_zeros(front + m + back, g, cg)
+            grid = buf[front : front + m].view(n, hs, ws, g, cg)
+            sub = xp[:, :, fr::sh, fc::sw]
+            grid[:, : sub.shape[2], : sub.shape[3]] = sub.permute(0, 2, 3, 1).reshape(
+                n, sub.shape[2], sub.shape[3], g, cg
+            )
+            bufs[(fr, fc)] = buf
+        return bufs[(fr, fc)]
+
+    blocks = x.new_zeros(g, kk, kk, cg, cg)
+    for (fai, faj, fbi, fbj, lag_i, lag_j), pairs in groups_of_pairs.items():
+        shift = lag_i * ws + lag_j
+        buf_a, buf_b = phase_buffer(fai, faj), phase_buffer(fbi, fbj)
+        flat_a = buf_a[front : front + m]
+        flat_b = buf_b[front + shift : front + shift + m]
+        grid_a = flat_a.view(n, hs, ws, g, cg)
+        grid_b = flat_b.view(n, hs, ws, g, cg)
+        starts = {(rows[offsets[ia][0]][1], cols[offsets[ia][1]][1]) for ia, _ in pairs}
+        cuts_i = sorted({0, hs} | {o for o, _ in starts} | {o + ho for o, _ in starts})
+        cuts_j = sorted({0, ws} | {o for _, o in starts} | {o + wo for _, o in starts})
+        cells = [(r0, r1, c0, c1) for r0, r1 in zip(cuts_i, cuts_i[1:])
+                 for c0, c1 in zip(cuts_j, cuts_j[1:])]
+
+        def inside(cell, start):
+            r0, r1, c0, c1 = cell
+            return start[0] <= r0 and r1 <= start[0] + ho and start[1] <= c0 and c1 <= start[1] + wo
+
+        def area(cell):
+            return (cell[1] - cell[0]) * (cell[3] - cell[2])
+
+        def cell_product(cell):
+            r0, r1, c0, c1 = cell
+            pa = grid_a[:, r0:r1, c0:c1].reshape(-1, g, cg)
+            pb = grid_b[:, r0:r1, c0:c1].reshape(-1, g, cg)
+            return _lag_products(pa, pb)
+
+        # Two exact ways to get each window's sum; take the one that touches fewer positions:
+        #  "whole": one copy-free GEMM over the whole flat grid, minus the cells outside the window
+        #  "cells": add up the cells inside the window (each cell gathered once, shared).
+        in_some = [c for c in cells if any(inside(c, st) for st in starts)]
+        in_all = [c for c in cells if all(inside(c, st) for st in starts)]
+        cost_whole = hs * ws + sum(area(c) for c in cells if c not in in_all)
+        cost_cells = sum(area(c) for c in in_some)
+        window = {}
+        if cost_whole < cost_cells:
+            total = _lag_products(flat_a, flat_b)
+            outside = {c: cell_product(c) for c in cells if c not in in_all}
+            for st in starts:
+                acc = total
+                for cell, val in outside.items():
+                    if not inside(cell, st):
+                        acc = acc - val
+                window[st] = acc
+        else:
+            parts = {c: cell_product(c) for c in in_some}
+            for st in starts:
+                terms = [val for cell, val in parts.items() if inside(cell, st)]
+                window[st] = torch.stack(terms).sum(0) if len(terms) > 1 else terms[0]
+        for ia, ib in pairs:
+            acc = window[(rows[offsets[ia][0]][1], cols[offsets[ia][1]][1])]
+            blocks[:, ia, ib] = acc
+            if ia != ib:
+                blocks[:, ib, ia] = acc.transpose(1, 2)
+
+    # Sum of patches: per offset, the sum over its window.
+    x_sum = x.new_empty(g, kk, cg)
+    for idx, (i, j) in enumerate(offsets):
+        (fi, oi), (fj, oj) = rows[i], cols[j]
+        grid = phase_buffer(fi, fj)[front : front + m].view(n, hs, ws, g, cg)
+        x_sum[:, idx] = grid[:, oi : oi + ho, oj : oj + wo].sum(dim=(0, 1, 2))
+    # Reorder to unfold order: D index = c*kk + offset.
+    d = cg * kk
+    xxT = blocks.permute(0, 3, 1, 4, 2).reshape(g, d, d)
+    x_sum = x_sum.transpose(1, 2).reshape(g, d)
+    return xxT, x_sum, n * ho * wo
+
+
+def linear_input_moments(
+    x: torch.Tensor, compute_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(sum x x^T (1, D, D), sum x (1, D), count)`` for a Linear input of any leading shape.
+
+    Every vector along the last dimension (every token of a ``(B, L, D)`` input) is a sample.
+    """
+    if compute_dtype is None:
+        compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    flat = x.reshape(-1, x.shape[-1]).to(compute_dtype)
+    return (flat.T @ flat).unsqueeze(0), flat.sum(0).unsqueeze(0), flat.shape[0]

@@ -1,0 +1,199 @@
+"""The calibration stage as one typed call: model + data -> per-layer input moments (+ a store)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..data import ImageFolder, ImageTransform
+from ..errors import InputError, StoreMismatchError
+from .collector import DEFAULT_MAX_DIM, LayerMoments, MomentCollector
+from .store import CovarianceStore, StoreInfo, model_layers, write_store
+
+__all__ = ["CalibrationResult", "calibrate", "first_layer_channels", "save_calibration"]
+
+log = logging.getLogger("ddtd")
+
+
+@dataclass
+class CalibrationResult:
+    """What :func:`calibrate` measured: raw moments per layer plus bookkeeping."""
+
+    moments: dict[str, LayerMoments]
+    info: StoreInfo
+    seconds: float
+    unreadable: list[str] = field(default_factory=list)
+    non_images: int = 0
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        return self.info.skipped
+
+
+def first_layer_channels(model: nn.Module) -> int:
+    """Input channels of the first Conv2d (3 if the model starts with something else)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+        if isinstance(m, nn.Linear):
+            break
+    return 3
+
+
+def _batches_from(data, transform: ImageTransform | None, num_images, seed, batch_size, progress):
+    """Normalise the accepted data kinds to an iterator of input tensors, plus a description."""
+    if isinstance(data, (str, os.PathLike)):
+        folder = ImageFolder.scan(data)
+        it = folder.batches(transform, num=num_images, seed=seed, batch_size=batch_size, progress=progress)
+        return it, folder, {"images": str(Path(data)), "num_images": num_images, "seed": seed}
+    if isinstance(data, torch.Tensor):
+        x = data if num_images is None else data[:num_images]
+        def gen():
+            for i in range(0, len(x), batch_size):
+                progress(len(x[i : i + batch_size]))
+                yield x[i : i + batch_size]
+        return gen(), None, {"tensor": list(data.shape)}
+    if isinstance(data, Iterable):  # DataLoader or any iterable of batches / (x, y) pairs
+        def gen():
+            seen = 0
+            for batch in data:
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                if num_images is not None:
+                    x = x[: max(0, num_images - seen)]
+                if len(x) == 0:
+                    break
+                seen += len(x)
+                progress(len(x))
+                yield x
+        return gen(), None, {"iterable": type(data).__name__}
+    raise InputError(f"cannot calibrate on a {type(data).__name__}",
+                     hint="pass an image folder path, a DataLoader or a tensor batch")
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    data,
+    *,
+    layers: str | list[str] | None = None,
+    transform: ImageTransform | None = None,
+    num_images: int | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    max_dim: int = DEFAULT_MAX_DIM,
+    device: str | torch.device | None = None,
+    show_progress: bool | None = None,
+) -> CalibrationResult:
+    """Run ``data`` through ``model`` and accumulate every selected layer's input moments.
+
+    Args:
+        model: any ``nn.Module`` (put in eval mode here; its weights are not changed).
+        data: an image folder (path), a DataLoader / iterable of batches (or ``(x, y)`` pairs),
+            or a tensor batch ``(N, C, H, W)`` of already preprocessed inputs.
+        layers: globs / ``re:`` patterns selecting Conv2d / Linear layers by qualified name.
+        transform: preprocessing for an image folder (default: 224 px, ImageNet mean / std,
+            the model's input channels).
+        num_images, seed: how many images to use, sampled reproducibly.
+        max_dim: layers whose patch length exceeds it are skipped (reason recorded).
+        device: where the forward pass and the accumulators live (default: the model's).
+
+    Returns:
+        A :class:`CalibrationResult` with float64 raw sums per layer.
+    """
+    if isinstance(model, torch.jit.ScriptModule):
+        raise InputError(
+            "a TorchScript model cannot be calibrated: its layers do not run Python hooks",
+            hint="load the eager model instead (--model ARCH --weights STATE_DICT, a factory, or a .ddtd file)",
+        )
+    model.eval()
+    if device is not None:
+        model.to(device)
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if transform is None and isinstance(data, (str, os.PathLike)):
+        transform = ImageTransform(channels=first_layer_channels(model))
+    t0 = time.time()
+    bar = tqdm(total=num_images if isinstance(data, (str, os.PathLike)) else None,
+               unit="img", desc="calibrating", disable=None if show_progress is None else not show_progress)
+    batches, folder, source = _batches_from(data, transform, num_images, seed, batch_size, bar.update)
+    count = 0
+    collector = MomentCollector(model, layers=layers, max_dim=max_dim)
+    for name, reason in collector.skipped.items():
+        log.warning("skipping layer '%s': %s", name, reason)
+    try:
+        with collector:
+            for x in batches:
+                model(x.to(dev))
+                count += len(x)
+    finally:
+        bar.close()
+    if count == 0:
+        raise InputError("no calibration inputs were given", hint="pass a non-empty image folder, DataLoader or tensor")
+    missing = [n for n in collector.hooked if n not in collector.moments]
+    skipped = dict(collector.skipped)
+    for n in missing:
+        skipped[n] = "never called in the forward pass"
+        log.warning("layer '%s' was never called in the forward pass; it is not stored", n)
+    source["used"] = count
+    info = StoreInfo(
+        layers=model_layers(model),
+        num_images=count,
+        transform=transform.to_dict() if folder is not None else {"external": True},
+        seed=seed,
+        sources=[source],
+        skipped=skipped,
+    )
+    result = CalibrationResult(
+        moments=collector.moments,
+        info=info,
+        seconds=time.time() - t0,
+        unreadable=list(folder.unreadable) if folder else [],
+        non_images=folder.non_images if folder else 0,
+    )
+    if result.unreadable or result.non_images:
+        log.warning("skipped %d unreadable image files and %d non-image files",
+                    len(result.unreadable), result.non_images)
+    return result
+
+
+def save_calibration(result: CalibrationResult, path: str | os.PathLike, append: bool = False) -> Path:
+    """Write a calibration to ``path`` atomically; with ``append`` add it to the store already there."""
+    path = Path(path)
+    moments, info = result.moments, result.info
+    if append:
+        old = CovarianceStore(path)
+        if old.info.fingerprint != info.fingerprint:
+            from .store import first_difference
+
+            raise StoreMismatchError(
+                f"cannot append: '{path}' was made for another model: "
+                + first_difference(old.info.layers, info.layers),
+                hint="append only runs of the same model, or write a new store with -o",
+            )
+        if old.info.transform != info.transform:
+            raise StoreMismatchError(
+                f"cannot append: '{path}' used transform {old.info.transform}, this run {info.transform}",
+                hint="use the same --size/--resize/--mean/--std as the stored run",
+            )
+        if set(old.names) != set(moments):
+            raise StoreMismatchError(
+                f"cannot append: '{path}' holds other layers than this run",
+                hint="use the same --layers and --max-dim as the stored run",
+            )
+        moments = {name: old[name].add(moments[name].to_cpu()) for name in old.names}
+        info = StoreInfo(
+            layers=info.layers,
+            num_images=old.info.num_images + info.num_images,
+            transform=info.transform,
+            seed=old.info.seed if old.info.seed == info.seed else None,
+            sources=old.info.sources + info.sources,
+            skipped={**old.info.skipped, **info.skipped},
+        )
+    return write_store(path, moments, info)

@@ -1,0 +1,180 @@
+"""Loading and saving models without executing pickled code.
+
+``--model`` accepts:
+
+* a torchvision architecture name (``resnet18``), with ``--weights PATH`` to a local state dict
+  and ``--num-classes`` where it differs from the default; nothing is ever downloaded;
+* ``package.module:factory`` (a callable returning an ``nn.Module``), with optional ``--weights``;
+* a path to a ddtd model file (:func:`save_model`): architecture spec + state dict;
+* a path to a TorchScript file (usable for evaluation; calibration needs an eager model).
+
+Every checkpoint is read with ``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._version import __version__
+from .atomic import atomic_path
+from .errors import InputError
+
+__all__ = ["ModelSpec", "load_model", "save_model", "build_from_spec", "load_state_dict_file"]
+
+FORMAT_VERSION = 1
+
+#: Spec of how to rebuild an architecture: {"source": "torchvision"|"factory", "name": str,
+#: "kwargs": dict}. Plain data so it survives ``weights_only=True``.
+ModelSpec = dict
+
+
+def build_from_spec(spec: ModelSpec) -> nn.Module:
+    """Instantiate an architecture (random weights) from a spec."""
+    source, name, kwargs = spec["source"], spec["name"], dict(spec.get("kwargs", {}))
+    if source == "torchvision":
+        import torchvision
+
+        try:
+            return torchvision.models.get_model(name, weights=None, **kwargs)
+        except ValueError as exc:
+            raise InputError(
+                f"unknown torchvision architecture '{name}'",
+                hint="use a name from torchvision.models.list_models(), a 'package.module:factory', "
+                "or a path to a saved model file",
+            ) from exc
+    if source == "factory":
+        mod_name, _, fn_name = name.partition(":")
+        try:
+            fn = getattr(importlib.import_module(mod_name), fn_name)
+        except (ImportError, AttributeError) as exc:
+            raise InputError(
+                f"cannot import factory '{name}' ({exc})",
+                hint="give 'package.module:function' importable from the current environment",
+            ) from exc
+        model = fn(**kwargs)
+        if not isinstance(model, nn.Module):
+            raise InputError(f"factory '{name}' returned {type(model).__name__}, not an nn.Module")
+        return model
+    raise InputError(f"unknown model source '{source}' in spec")
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state dict (or a checkpoint dict holding one) with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"weights file '{path}' not found", hint="pass --weights PATH to a local state dict")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(
+            f"cannot read weights '{path}' safely ({type(exc).__name__}: {str(exc).splitlines()[0]})",
+            hint="save weights with torch.save(model.state_dict(), path); ddtd never unpickles code",
+        ) from exc
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise InputError(f"'{path}' does not hold a state dict of tensors")
+    # Checkpoints saved from DataParallel / torch.compile carry a prefix.
+    for prefix in ("module.", "_orig_mod."):
+        if obj and all(k.startswith(prefix) for k in obj):
+            obj = {k[len(prefix):]: v for k, v in obj.items()}
+    return obj
+
+
+def _load_weights(model: nn.Module, weights: str | os.PathLike) -> None:
+    sd = load_state_dict_file(weights)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise InputError(
+            f"weights '{weights}' do not fit the architecture: missing {missing[:4]}, unexpected {unexpected[:4]}",
+            hint="check --model and --num-classes match the checkpoint",
+        )
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(n.endswith("constants.pkl") or n.endswith("code/") or "/code/" in n for n in zf.namelist())
+
+
+def load_model(
+    model: str | os.PathLike,
+    weights: str | os.PathLike | None = None,
+    num_classes: int | None = None,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """Load a model in eval mode from a name, a factory or a file (see module docstring)."""
+    text = str(model)
+    path = Path(text)
+    if path.suffix and path.exists() and path.is_file():
+        if _is_torchscript(path):
+            m = torch.jit.load(str(path), map_location=device)
+        else:
+            m = _load_ddtd_file(path)
+            if weights:
+                _load_weights(m, weights)
+    elif path.suffix in {".pt", ".pth", ".ddtd", ".ts"} or os.sep in text:
+        raise InputError(f"model file '{text}' not found", hint="check the path given to --model")
+    else:
+        kwargs: dict[str, Any] = {}
+        if num_classes is not None:
+            kwargs["num_classes"] = num_classes
+        source = "factory" if ":" in text else "torchvision"
+        m = build_from_spec({"source": source, "name": text, "kwargs": kwargs})
+        m.ddtd_spec = {"source": source, "name": text, "kwargs": kwargs}
+        if weights:
+            _load_weights(m, weights)
+    return m.to(device).eval()
+
+
+def _load_ddtd_file(path: Path) -> nn.Module:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(
+            f"cannot read model file '{path}' safely ({type(exc).__name__})",
+            hint="ddtd loads .ddtd files, TorchScript files, or an architecture name with --weights; "
+            "a pickled nn.Module is not loaded because that would execute code",
+        ) from exc
+    if not isinstance(obj, dict) or "ddtd_format" not in obj:
+        raise InputError(
+            f"'{path}' is not a ddtd model file",
+            hint="for a plain state dict use --model ARCH --weights PATH",
+        )
+    if obj["ddtd_format"] > FORMAT_VERSION:
+        raise InputError(f"'{path}' has format {obj['ddtd_format']}; this ddtd reads up to {FORMAT_VERSION}",
+                         hint="upgrade ddtd")
+    model = build_from_spec(obj["spec"])
+    model.load_state_dict(obj["state_dict"])
+    model.ddtd_spec = obj["spec"]
+    return model
+
+
+def save_model(model: nn.Module, path: str | os.PathLike, spec: ModelSpec | None = None, **extra) -> None:
+    """Write a ddtd model file atomically: format version, spec, state dict and ``extra`` data."""
+    spec = spec or getattr(model, "ddtd_spec", None)
+    if spec is None:
+        raise InputError(
+            "the model has no architecture spec, so it cannot be rebuilt at load time",
+            hint="load it with ddtd.load_model(...) or pass spec={'source': ..., 'name': ..., 'kwargs': ...}",
+        )
+    payload = {
+        "ddtd_format": FORMAT_VERSION,
+        "ddtd_version": __version__,
+        "spec": spec,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        **extra,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)

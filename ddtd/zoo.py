@@ -1,0 +1,37 @@
+"""Architectures of ddtd's reference models (weights are trained by ``examples/``).
+
+* ``resnet18``: torchvision's ``resnet18(num_classes=10)`` unchanged (load it with
+  ``--model resnet18 --num-classes 10 --weights PATH``).
+* :func:`vgg_fmnist`: an all-3x3-conv VGG-style network for 32x32 inputs (load it with
+  ``--model ddtd.zoo:vgg_fmnist --weights PATH``).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = ["vgg_fmnist"]
+
+VGG_FMNIST_CFG = (32, 32, "M", 64, 64, "M", 128, 128, "M", 256, 256, "M")
+
+
+def vgg_fmnist(num_classes: int = 10, in_channels: int = 3, cfg=VGG_FMNIST_CFG, hidden: int = 256) -> nn.Module:
+    """VGG-style classifier: 3x3 conv + BN + ReLU blocks, 2x2 max-pools, two Linear layers.
+
+    Input ``(N, in_channels, 32, 32)``; output ``(N, num_classes)``.
+    """
+    layers: list[nn.Module] = []
+    c = in_channels
+    for v in cfg:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2))
+        else:
+            layers += [nn.Conv2d(c, v, 3, padding=1, bias=False), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+            c = v
+    return nn.Sequential(
+        nn.Sequential(*layers),
+        nn.Flatten(),
+        nn.Linear(c * 2 * 2, hidden),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden, num_classes),
+    )

@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def write_images(folder, n, size=(12, 10), mode="RGB", classes=("a", "b"), seed=0, start=0):
+    """Write ``n`` random images into class sub-folders; return their paths."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(start, start + n):
+        d = folder / classes[i % len(classes)]
+        d.mkdir(parents=True, exist_ok=True)
+        shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+        arr = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        p = d / f"img{i:04d}.png"
+        Image.fromarray(arr, mode=mode).save(p)
+        paths.append(p)
+    return paths
+
+
+class TinyNet(torch.nn.Module):
+    """Convs with stride / padding / dilation / groups and a Linear on 3-D input."""
+
+    def __init__(self, channels=3, classes=5):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(channels, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2)
+        self.conv3 = torch.nn.Conv2d(8, 12, 1)
+        self.fc = torch.nn.Linear(12, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        x = self.conv3(x)
+        x = x.flatten(2).transpose(1, 2)  # (N, L, 12): Linear on a 3-D input
+        return self.fc(x).mean(1)
+
+
+def tiny_net(channels: int = 3, classes: int = 5):
+    return TinyNet(channels, classes)

@@ -1,0 +1,146 @@
+"""The calibration stage end to end: Sigma from the store predicts the real output error.
+
+For a layer with weight W and a random perturbation dW, the identity
+    trace(dW Sigma dW^T) == mean over samples of ||layer_W(x) - layer_{W - dW}(x)||^2
+must hold with Sigma read back from the HDF5 store, outputs computed by the real layers.
+"""
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from ddtd.calibration import (
+    CovarianceStore,
+    calibrate,
+    conv_geometry,
+    conv_input_moments,
+    save_calibration,
+    unfold_patches,
+)
+
+RTOL = 1e-5
+
+CONV_GRID = [
+    # (kernel, stride, padding, dilation, groups, padding_mode)
+    (3, 1, 1, 1, 1, "zeros"),
+    (3, 2, 1, 1, 1, "zeros"),
+    (3, 1, 0, 1, 1, "zeros"),
+    (3, 1, 2, 2, 1, "zeros"),
+    (3, 2, 1, 1, 2, "zeros"),
+    (3, 1, 1, 1, 4, "zeros"),  # depthwise-like (4 groups of 1 input channel... see below)
+    (5, 3, 2, 1, 1, "zeros"),
+    (1, 1, 0, 1, 1, "zeros"),
+    (1, 2, 0, 1, 2, "zeros"),
+    (3, 1, "same", 2, 1, "zeros"),
+    (4, 1, "same", 1, 1, "zeros"),  # asymmetric 'same' padding
+    (3, 1, 1, 1, 1, "reflect"),
+    (3, 2, 1, 1, 2, "circular"),
+    (3, 1, 1, 1, 1, "replicate"),
+    ((3, 1), (2, 1), (1, 0), 1, 1, "zeros"),  # k x 1 kernels
+    ((1, 5), 1, (0, 2), (1, 2), 1, "zeros"),
+]
+
+
+class Wrap(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def _stored_moments(layer, x, tmp_path):
+    model = Wrap(layer)
+    result = calibrate(model, x, batch_size=3, show_progress=False)
+    path = save_calibration(result, tmp_path / "s.h5")
+    store = CovarianceStore(path)
+    store.check_model(model)
+    return store["layer"]
+
+
+def _check_identity(layer, x, lm):
+    """Both the uncentred and the centred (bias-corrected) identities, per group."""
+    g = lm.groups
+    w = layer.weight.detach()
+    dw = torch.randn_like(w) * w.abs().mean()
+    perturbed = type(layer).__new__(type(layer))
+    perturbed.__dict__ = {**layer.__dict__, "_parameters": dict(layer._parameters)}
+    perturbed.weight = nn.Parameter(w - dw)
+    with torch.no_grad():
+        y, y2 = layer(x), perturbed(x)
+    diff = (y - y2).double()
+    if isinstance(layer, nn.Conv2d):
+        t = w.shape[0]
+        samples = diff.permute(0, 2, 3, 1).reshape(-1, t)  # one row per output position
+    else:
+        samples = diff.reshape(-1, w.shape[0])
+    measured = samples.pow(2).sum(1).mean()
+    measured_c = (samples - samples.mean(0)).pow(2).sum(1).mean()
+    dwg = dw.double().reshape(g, w.shape[0] // g, -1)
+    sigma, sigma_c = lm.second_moment(), lm.covariance()
+    predicted = sum(torch.trace(dwg[i] @ sigma[i] @ dwg[i].T) for i in range(g))
+    predicted_c = sum(torch.trace(dwg[i] @ sigma_c[i] @ dwg[i].T) for i in range(g))
+    assert lm.count == samples.shape[0]
+    torch.testing.assert_close(predicted, measured, rtol=RTOL, atol=0)
+    torch.testing.assert_close(predicted_c, measured_c, rtol=RTOL, atol=0)
+
+
+@pytest.mark.parametrize("k,s,p,d,g,mode", CONV_GRID)
+def test_conv_identity(k, s, p, d, g, mode, tmp_path):
+    c_in = 4 if g != 4 else 4
+    conv = nn.Conv2d(c_in, 8, k, stride=s, padding=p, dilation=d, groups=g, padding_mode=mode)
+    x = torch.relu(torch.randn(7, c_in, 13, 11) + 0.3)  # non-zero mean, like post-ReLU data
+    lm = _stored_moments(conv, x, tmp_path)
+    assert lm.groups == g
+    _check_identity(conv, x, lm)
+
+
+@pytest.mark.parametrize("shape", [(50, 12), (6, 9, 12), (2, 3, 5, 12)])
+def test_linear_identity(shape, tmp_path):
+    lin = nn.Linear(12, 7)
+    x = torch.randn(*shape) + 0.5
+    lm = _stored_moments(lin, x, tmp_path)
+    _check_identity(lin, x, lm)
+
+
+def test_conv_identity_channels_last_and_many_channels(tmp_path):
+    """A wider conv (the lag method's GEMM path) on a channels-last input."""
+    conv = nn.Conv2d(32, 16, 3, padding=1)
+    x = torch.relu(torch.randn(4, 32, 9, 9)).to(memory_format=torch.channels_last)
+    lm = _stored_moments(conv, x, tmp_path)
+    _check_identity(conv, x, lm)
+
+
+GEOMETRY_GRID = list(itertools.product([1, 2, 3], [1, 2, 3], [0, 1, 2], [1, 2], [1, 2, 8]))
+
+
+@pytest.mark.parametrize("k,s,p,d,g", GEOMETRY_GRID)
+def test_lag_and_unfold_methods_equal_reference(k, s, p, d, g):
+    """Both moment algorithms equal X^T X of explicitly unfolded patches (float64, 1e-12)."""
+    conv = nn.Conv2d(8, 8, k, stride=s, padding=p, dilation=d, groups=g)
+    geo = conv_geometry(conv)
+    x = torch.randn(2, 8, 10, 9, dtype=torch.float64)
+    if (10 + 2 * p - d * (k - 1) - 1) < 0:
+        pytest.skip("kernel larger than input")
+    patches = unfold_patches(x, geo)
+    ref = patches.transpose(1, 2) @ patches
+    for method in ("lag", "unfold"):
+        xxT, x_sum, count = conv_input_moments(x, geo, method=method)
+        assert count == patches.shape[1]
+        torch.testing.assert_close(xxT, ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(x_sum, patches.sum(1), rtol=1e-12, atol=1e-12)
+
+
+def test_unfold_patches_reproduce_conv_output():
+    """The unfold order is the weight's reshape order: W @ patches == conv output."""
+    conv = nn.Conv2d(6, 4, 3, stride=2, padding=1, dilation=2, groups=2).double()
+    x = torch.randn(2, 6, 11, 12, dtype=torch.float64)
+    geo = conv_geometry(conv)
+    patches = unfold_patches(x, geo)  # (g, P, D)
+    w = conv.weight.reshape(2, 2, -1)
+    y = torch.einsum("gtd,gpd->gpt", w, patches)
+    ref = (conv(x) - conv.bias.view(1, -1, 1, 1)).permute(0, 2, 3, 1).reshape(-1, 2, 2).transpose(0, 1)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
