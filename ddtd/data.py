@@ -11,6 +11,7 @@ convert to the model's channel count, scale to ``[0, 1]``, resize the shorter si
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -83,7 +84,7 @@ class ImageTransform:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["resize"] = self.resize or self.size
-        return d
+        return json.loads(json.dumps(d))  # plain JSON types, as read back from a store
 
 
 def preprocess(images: torch.Tensor, t: ImageTransform) -> torch.Tensor:

@@ -93,7 +93,14 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def _load_weights(model: nn.Module, weights: str | os.PathLike) -> None:
     sd = load_state_dict_file(weights)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        first = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), str(exc)[:200])
+        raise InputError(
+            f"weights '{weights}' do not fit the architecture: {first}",
+            hint="check --model and --num-classes match the checkpoint",
+        ) from exc
     if missing or unexpected:
         raise InputError(
             f"weights '{weights}' do not fit the architecture: missing {missing[:4]}, unexpected {unexpected[:4]}",
