@@ -114,20 +114,21 @@ def test_conv_identity_channels_last_and_many_channels(tmp_path):
     _check_identity(conv, x, lm)
 
 
-GEOMETRY_GRID = list(itertools.product([1, 2, 3], [1, 2, 3], [0, 1, 2], [1, 2], [1, 2, 8]))
+GEOMETRY_GRID = [(*c, "zeros") for c in itertools.product([1, 2, 3], [1, 2, 3], [0, 1, 2], [1, 2], [1, 2, 8])]
+GEOMETRY_GRID += [(3, 1, 1, 1, 1, "reflect"), (3, 2, 2, 1, 2, "circular"), (5, 2, 1, 2, 1, "replicate")]
 
 
-@pytest.mark.parametrize("k,s,p,d,g", GEOMETRY_GRID)
-def test_lag_and_unfold_methods_equal_reference(k, s, p, d, g):
-    """Both moment algorithms equal X^T X of explicitly unfolded patches (float64, 1e-12)."""
-    conv = nn.Conv2d(8, 8, k, stride=s, padding=p, dilation=d, groups=g)
+@pytest.mark.parametrize("k,s,p,d,g,mode", GEOMETRY_GRID)
+def test_lag_and_unfold_methods_equal_reference(k, s, p, d, g, mode):
+    """Every moment algorithm equals X^T X of explicitly unfolded patches (float64, 1e-12)."""
+    conv = nn.Conv2d(8, 8, k, stride=s, padding=p, dilation=d, groups=g, padding_mode=mode)
     geo = conv_geometry(conv)
     x = torch.randn(2, 8, 10, 9, dtype=torch.float64)
     if (10 + 2 * p - d * (k - 1) - 1) < 0:
         pytest.skip("kernel larger than input")
     patches = unfold_patches(x, geo)
     ref = patches.transpose(1, 2) @ patches
-    for method in ("lag", "unfold"):
+    for method in ("lag", "lag-whole", "lag-cells", "unfold"):
         xxT, x_sum, count = conv_input_moments(x, geo, method=method)
         assert count == patches.shape[1]
         torch.testing.assert_close(xxT, ref, rtol=1e-12, atol=1e-12)

@@ -116,12 +116,13 @@ def test_svd_cross_moment():
     Wn, Xn, Xtn = W.numpy(), X.numpy(), Xt.numpy()
     Y = Xn @ Wn.T
 
+    XtX, XtY = Xtn.T @ Xtn, Xtn.T @ Y
+
     def f(a):
+        # for fixed A the least-squares B solves Xt^T Xt B^T A^T A = Xt^T Y A
         A = a.reshape(T, r)
-        # min_B ||Y - Xt B^T A^T||^2: regress Y A (A^T A)^{-1} ... solve via lstsq on vec
-        G = np.kron(A, Xtn)                                  # vec(Xt B^T A^T) = (A kron Xt) vec(B^T)
-        sol = np.linalg.lstsq(G, Y.reshape(-1, order="F"), rcond=None)[0]
-        return ((G @ sol - Y.reshape(-1, order="F")) ** 2).sum()
+        Bt = np.linalg.solve(XtX, XtY @ A) @ np.linalg.inv(A.T @ A)
+        return ((Y - Xtn @ Bt @ A.T) ** 2).sum()
 
     best = min(scipy.optimize.minimize(f, np.random.default_rng(s).standard_normal(T * r),
                                        method="BFGS", options={"gtol": 1e-10}).fun for s in range(4))

@@ -135,7 +135,9 @@ class MomentCollector:
                 model(batch)
         stats = col.moments  # {qualified name: LayerMoments}
 
-    Layers whose patch length exceeds ``max_dim`` are not hooked; ``skipped`` maps their name to
+    ``conv_method`` picks the conv moment algorithm (see :func:`conv_input_moments`; ``"unfold"``
+    is the naive reference, kept for benchmarks). Layers whose patch length exceeds ``max_dim``
+    are not hooked; ``skipped`` maps their name to
     the reason. Every batch is checked for NaN / Inf: a :class:`NumericalError` names the first
     layer whose input was not finite.
     """
@@ -146,8 +148,10 @@ class MomentCollector:
         layers: str | list[str] | None = None,
         max_dim: int = DEFAULT_MAX_DIM,
         accumulate_device: torch.device | str | None = None,
+        conv_method: str = "auto",
     ):
         self.model = model
+        self.conv_method = conv_method
         self.max_dim = max_dim
         self.names = select_layers(model, layers)
         self.modules = dict(model.named_modules())
@@ -195,7 +199,7 @@ class MomentCollector:
             x = inputs[0].detach()
             with torch.no_grad():
                 if geo is not None:
-                    xxT, x_sum, count = conv_input_moments(x, geo)
+                    xxT, x_sum, count = conv_input_moments(x, geo, method=self.conv_method)
                 else:
                     xxT, x_sum, count = linear_input_moments(x)
                 # NaN / Inf anywhere in x shows up in its sums (x^2 on the diagonal).

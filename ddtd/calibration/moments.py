@@ -166,7 +166,8 @@ def conv_input_moments(
             float64 for float64 inputs.
         method: ``"lag"`` (shifted-window products, see the module docstring), ``"unfold"``
             (explicit patches, cheaper when there are few channels per group, e.g. an RGB stem
-            or a depthwise conv) or ``"auto"``.
+            or a depthwise conv) or ``"auto"``. ``"lag-whole"`` / ``"lag-cells"`` force one of
+            the lag method's two exact ways of summing a window (for tests).
 
     Returns:
         ``xxT (g, D, D)``, ``x_sum (g, D)`` in ``compute_dtype`` and the number of patches per
@@ -184,6 +185,9 @@ def conv_input_moments(
         method = "lag" if (kh * kw == 1 or cg >= 8) else "unfold"
     if method == "unfold":
         return _unfold_moments(x, geo)
+    if method not in ("lag", "lag-whole", "lag-cells"):
+        raise ValueError(f"unknown moment method {method!r}")
+    strategy = {"lag": "auto", "lag-whole": "whole", "lag-cells": "cells"}[method]
 
     sh, sw = geo.stride
     dh, dw = geo.dilation
@@ -210,6 +214,17 @@ def conv_input_moments(
     shifts = [lag_i * ws + lag_j for (*_, lag_i, lag_j) in groups_of_pairs]
     front, back = max(0, -min(shifts)), max(0, max(shifts))
     bufs: dict[tuple[int, int], torch.Tensor] = {}
+    top, _, left, _ = geo.pad
+    real = (top, top + x.shape[2]), (left, left + x.shape[3])  # input rows / cols inside padding
+
+    def real_range(phase: int, axis: int) -> tuple[int, int]:
+        """Sub-grid indices ``m`` whose padded position ``phase + stride*m`` is not zero padding."""
+        s_ = (sh, sw)[axis]
+        size = (hs, ws)[axis]
+        if geo.padding_mode != "zeros":
+            return 0, size
+        lo, hi = real[axis]
+        return max(0, -(-(lo - phase) // s_)), min(size, -(-(hi - phase) // s_))
 
     def phase_buffer(fr: int, fc: int) -> torch.Tensor:
         if (fr, fc) not in bufs:
@@ -240,11 +255,27 @@ def conv_input_moments(
             r0, r1, c0, c1 = cell
             return start[0] <= r0 and r1 <= start[0] + ho and start[1] <= c0 and c1 <= start[1] + wo
 
-        def area(cell):
-            return (cell[1] - cell[0]) * (cell[3] - cell[2])
+        # Products vanish where either side is zero padding: shrink each cell to where both
+        # A and the lag-shifted B hold real input (skips most of the work on small maps).
+        ra, ca = real_range(fai, 0), real_range(faj, 1)
+        rb, cb = real_range(fbi, 0), real_range(fbj, 1)
+        lo_i, hi_i = max(ra[0], rb[0] - lag_i), min(ra[1], rb[1] - lag_i)
+        lo_j, hi_j = max(ca[0], cb[0] - lag_j), min(ca[1], cb[1] - lag_j)
 
-        def cell_product(cell):
+        def live(cell, both=True):
+            # Outside every window the lag-shifted flat view of B may wrap into the next row,
+            # so there only A's zeros may be skipped ("both=False").
+            li, hi_, lj, hj = (lo_i, hi_i, lo_j, hi_j) if both else (ra[0], ra[1], ca[0], ca[1])
             r0, r1, c0, c1 = cell
+            r0, r1, c0, c1 = max(r0, li), min(r1, hi_), max(c0, lj), min(c1, hj)
+            return (r0, r1, c0, c1) if r0 < r1 and c0 < c1 else None
+
+        def area(cell, both=True):
+            cell = live(cell, both)
+            return 0 if cell is None else (cell[1] - cell[0]) * (cell[3] - cell[2])
+
+        def cell_product(cell, both=True):
+            r0, r1, c0, c1 = live(cell, both)
             pa = grid_a[:, r0:r1, c0:c1].reshape(-1, g, cg)
             pb = grid_b[:, r0:r1, c0:c1].reshape(-1, g, cg)
             return _lag_products(pa, pb)
@@ -252,14 +283,17 @@ def conv_input_moments(
         # Two exact ways to get each window's sum; take the one that touches fewer positions:
         #  "whole": one copy-free GEMM over the whole flat grid, minus the cells outside the window
         #  "cells": add up the cells inside the window (each cell gathered once, shared).
-        in_some = [c for c in cells if any(inside(c, st) for st in starts)]
+        in_some = [c for c in cells if any(inside(c, st) for st in starts) and area(c)]
         in_all = [c for c in cells if all(inside(c, st) for st in starts)]
-        cost_whole = hs * ws + sum(area(c) for c in cells if c not in in_all)
+        cost_whole = hs * ws + sum(area(c, False) for c in cells if c not in in_all)
         cost_cells = sum(area(c) for c in in_some)
+        if strategy != "auto":
+            cost_whole, cost_cells = (0, 1) if strategy == "whole" else (1, 0)
+        zero = x.new_zeros(g, cg, cg)
         window = {}
         if cost_whole < cost_cells:
             total = _lag_products(flat_a, flat_b)
-            outside = {c: cell_product(c) for c in cells if c not in in_all}
+            outside = {c: cell_product(c, False) for c in cells if c not in in_all and area(c, False)}
             for st in starts:
                 acc = total
                 for cell, val in outside.items():
@@ -270,7 +304,7 @@ def conv_input_moments(
             parts = {c: cell_product(c) for c in in_some}
             for st in starts:
                 terms = [val for cell, val in parts.items() if inside(cell, st)]
-                window[st] = torch.stack(terms).sum(0) if len(terms) > 1 else terms[0]
+                window[st] = torch.stack(terms).sum(0) if len(terms) > 1 else (terms[0] if terms else zero)
         for ia, ib in pairs:
             acc = window[(rows[offsets[ia][0]][1], cols[offsets[ia][1]][1])]
             blocks[:, ia, ib] = acc
@@ -279,10 +313,12 @@ def conv_input_moments(
 
     # Sum of patches: per offset, the sum over its window.
     x_sum = x.new_empty(g, kk, cg)
+    image_sums = {}  # per phase: the batch summed once, (hs, ws, g, cg)
     for idx, (i, j) in enumerate(offsets):
         (fi, oi), (fj, oj) = rows[i], cols[j]
-        grid = phase_buffer(fi, fj)[front : front + m].view(n, hs, ws, g, cg)
-        x_sum[:, idx] = grid[:, oi : oi + ho, oj : oj + wo].sum(dim=(0, 1, 2))
+        if (fi, fj) not in image_sums:
+            image_sums[(fi, fj)] = phase_buffer(fi, fj)[front : front + m].view(n, hs, ws, g, cg).sum(0)
+        x_sum[:, idx] = image_sums[(fi, fj)][oi : oi + ho, oj : oj + wo].sum(dim=(0, 1))
     # Reorder to unfold order: D index = c*kk + offset.
     d = cg * kk
     xxT = blocks.permute(0, 3, 1, 4, 2).reshape(g, d, d)

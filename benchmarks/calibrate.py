@@ -1,0 +1,129 @@
+"""Calibration throughput against plain inference, side by side in one run.
+
+    python benchmarks/calibrate.py            # resnet18 @224 (random weights) + reference ResNet @32
+    python benchmarks/calibrate.py --quick    # fewer images
+
+For each model: images per second of plain inference and of calibration (forward + moment
+hooks) on the same preloaded images, their ratio (target: <= 3x), the same for the naive
+unfold-then-X^T X reference, peak memory (max RSS of a fresh process per model), and the size of
+the HDF5 store. Timings alternate inference and calibration passes and report medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(model_name: str, num_images: int, batch_size: int, repeats: int) -> dict:
+    from ddtd.calibration import MomentCollector, save_calibration
+    from ddtd.calibration.run import calibrate
+    from ddtd.model_io import load_model
+
+    torch.manual_seed(0)
+    note = "random weights"
+    if model_name == "resnet18@224":
+        model, size = load_model("resnet18"), 224
+    else:
+        cache = Path(os.environ.get("DDTD_CACHE", Path.home() / ".cache" / "ddtd")) / "reference"
+        path = cache / "resnet18_fmnist.ddtd"
+        if path.exists():
+            model, note = load_model(path), f"trained ({path})"
+        else:
+            model = load_model("resnet18", num_classes=10)
+        size = 32
+    model.eval()
+    images = torch.randn(num_images, 3, size, size)
+    batches = list(images.split(batch_size))
+    rss0 = _peak_rss_mib()
+
+    def infer():
+        with torch.no_grad():
+            for b in batches:
+                model(b)
+
+    def calib(method):
+        def run():
+            with torch.no_grad(), MomentCollector(model, conv_method=method):
+                for b in batches:
+                    model(b)
+        return run
+
+    infer()  # warm-up
+    calib("auto")()
+    t_inf, t_cal, t_naive = [], [], []
+    for r in range(repeats):
+        for fn, acc in ((infer, t_inf), (calib("auto"), t_cal)):
+            t = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    calib("unfold")()
+    t_naive.append(time.perf_counter() - t)
+    result = calibrate(model, images, batch_size=batch_size, show_progress=False)
+    with tempfile.TemporaryDirectory() as d:
+        p = save_calibration(result, Path(d) / "s.h5")
+        store_mib = p.stat().st_size / 2**20
+    inf, cal, naive = statistics.median(t_inf), statistics.median(t_cal), statistics.median(t_naive)
+    return {
+        "model": model_name,
+        "weights": note,
+        "images": num_images,
+        "batch": batch_size,
+        "infer_img_s": num_images / inf,
+        "calib_img_s": num_images / cal,
+        "ratio": cal / inf,
+        "naive_unfold_ratio": naive / inf,
+        "peak_rss_mib": _peak_rss_mib(),
+        "rss_before_mib": rss0,
+        "store_mib": store_mib,
+        "layers": len(result.moments),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one model in this process
+    args = ap.parse_args(argv)
+    configs = {
+        "resnet18@224": (64 if args.quick else 128, 32, 2 if args.quick else 3),
+        "reference-resnet18@32": (512 if args.quick else 2048, 128, 2 if args.quick else 3),
+    }
+    if args.one:
+        print(json.dumps(measure(args.one, *configs[args.one])))
+        return 0
+    rows = []
+    for name in configs:
+        cmd = [sys.executable, __file__, "--one", name] + (["--quick"] if args.quick else [])
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
+    hdr = ("model", "weights", "images", "infer img/s", "calib img/s", "calib/infer", "naive unfold/infer",
+           "peak RSS MiB", "store MiB")
+    print("| " + " | ".join(hdr) + " |")
+    print("|" + "---|" * len(hdr))
+    for r in rows:
+        print(f"| {r['model']} | {r['weights'].split(' (')[0]} | {r['images']} | {r['infer_img_s']:.1f} | "
+              f"{r['calib_img_s']:.1f} | {r['ratio']:.2f}x | {r['naive_unfold_ratio']:.2f}x | "
+              f"{r['peak_rss_mib']:.0f} | {r['store_mib']:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
