@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Make a ready environment: .venv with ddtd (editable) and its dependencies, and Fashion-MNIST
+# from Debian's packages. Safe to run again: it only installs what is missing or changed.
+# Sourced by examples/demo.sh and tests/run.sh; prints the venv's python on the last line.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${DDTD_VENV:-$root/.venv}"
+py="${PYTHON:-python3}"
+
+if [ ! -x "$venv/bin/python" ]; then
+    echo "setup: creating $venv" >&2
+    "$py" -m venv "$venv"
+fi
+stamp="$venv/.ddtd-installed"
+if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
+    echo "setup: installing ddtd and its dependencies (torch 2.14.1 comes from this machine's disk)" >&2
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$root[test]" >&2
+    touch "$stamp"
+fi
+
+fmnist="${DDTD_FASHION_MNIST:-/usr/share/datasets/fashion-mnist}"
+if [ ! -f "$fmnist/train-images-idx3-ubyte.gz" ]; then
+    echo "setup: installing Fashion-MNIST (apt-get install dataset-fashion-mnist)" >&2
+    sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    $sudo apt-get install -y -qq dataset-fashion-mnist >&2 || {
+        $sudo apt-get update -qq >&2 && $sudo apt-get install -y -qq dataset-fashion-mnist >&2
+    }
+fi
+echo "$venv/bin/python"
