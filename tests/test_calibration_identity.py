@@ -145,3 +145,18 @@ def test_unfold_patches_reproduce_conv_output():
     y = torch.einsum("gtd,gpd->gpt", w, patches)
     ref = (conv(x) - conv.bias.view(1, -1, 1, 1)).permute(0, 2, 3, 1).reshape(-1, 2, 2).transpose(0, 1)
     torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("k,s,p,d,g,mode", GEOMETRY_GRID[::7])
+def test_cross_moments_equal_reference(k, s, p, d, g, mode):
+    """sum x y^T over patches of two inputs at the same positions (for sequential fitting)."""
+    conv = nn.Conv2d(8, 8, k, stride=s, padding=p, dilation=d, groups=g, padding_mode=mode)
+    geo = conv_geometry(conv)
+    x = torch.randn(2, 8, 10, 9, dtype=torch.float64)
+    y = x + 0.3 * torch.randn_like(x)
+    px, py = unfold_patches(x, geo), unfold_patches(y, geo)
+    ref = px.transpose(1, 2) @ py
+    for method in ("lag", "lag-whole", "lag-cells", "unfold"):
+        xyT, x_sum, count = conv_input_moments(x, geo, method=method, y=y)
+        torch.testing.assert_close(xyT, ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(x_sum, px.sum(1), rtol=1e-12, atol=1e-12)

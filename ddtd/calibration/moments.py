@@ -127,27 +127,21 @@ def _lag_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.permute(1, 2, 0), b.permute(1, 0, 2))
 
 
-def _unfold_moments(x: torch.Tensor, geo: ConvGeometry, max_elems: int = 1 << 26):
-    """Moments by explicit unfolding, in chunks of at most ``max_elems`` unfolded values."""
-    per_image = None
+def _unfold_moments(x: torch.Tensor, geo: ConvGeometry, y: torch.Tensor | None = None,
+                    max_elems: int = 1 << 26):
+    """Moments by explicit unfolding, a few images at a time (at most ``max_elems`` values)."""
     xxT = x_sum = None
     count = 0
-    n = x.shape[0]
-    step = n
-    i = 0
-    while i < n:
-        patches = unfold_patches(x[i : i + step], geo)  # (g, P, D)
-        if per_image is None:
-            per_image = patches.numel() // max(1, min(step, n - i))
-            step = max(1, max_elems // max(1, per_image))
-            if patches.numel() > max_elems and step < n - i:
-                continue  # redo this chunk smaller
-        part = torch.bmm(patches.transpose(1, 2), patches)
+    per_image = unfold_patches(x[:1], geo).numel()
+    step = max(1, max_elems // max(1, per_image))
+    for i in range(0, x.shape[0], step):
+        px = unfold_patches(x[i : i + step], geo)  # (g, P, D)
+        py = px if y is None else unfold_patches(y[i : i + step], geo)
+        part = torch.bmm(px.transpose(1, 2), py)
         xxT = part if xxT is None else xxT + part
-        s = patches.sum(1)
-        x_sum = s if x_sum is None else x_sum + s
-        count += patches.shape[1]
-        i += min(step, n - i) if per_image is not None else n
+        s_ = px.sum(1)
+        x_sum = s_ if x_sum is None else x_sum + s_
+        count += px.shape[1]
     return xxT, x_sum, count
 
 
@@ -156,8 +150,13 @@ def conv_input_moments(
     geo: ConvGeometry,
     compute_dtype: torch.dtype | None = None,
     method: str = "auto",
+    y: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Exact ``(sum x x^T, sum x, count)`` over all patches a Conv2d sees in the batch ``x``.
+
+    With ``y`` (same shape as ``x``, e.g. the input the same layer sees in a partly compressed
+    model) the first result is the cross moment ``sum x y^T`` instead (patches of ``x`` and ``y``
+    at the same output position).
 
     Args:
         x: conv input ``(N, S, H, W)`` (or ``(S, H, W)``).
@@ -175,16 +174,21 @@ def conv_input_moments(
     """
     if x.dim() == 3:
         x = x.unsqueeze(0)
+        y = None if y is None else y.unsqueeze(0)
     if compute_dtype is None:
         compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     x = x.to(compute_dtype)
+    if y is not None:
+        if y.shape != x.shape:
+            raise ValueError(f"cross moments need equal shapes, got {tuple(x.shape)} and {tuple(y.shape)}")
+        y = y.to(compute_dtype)
     g = geo.groups
     kh, kw = geo.kernel_size
     cg = x.shape[1] // g
     if method == "auto":
         method = "lag" if (kh * kw == 1 or cg >= 8) else "unfold"
     if method == "unfold":
-        return _unfold_moments(x, geo)
+        return _unfold_moments(x, geo, y)
     if method not in ("lag", "lag-whole", "lag-cells"):
         raise ValueError(f"unknown moment method {method!r}")
     strategy = {"lag": "auto", "lag-whole": "whole", "lag-cells": "cells"}[method]
@@ -193,6 +197,7 @@ def conv_input_moments(
     dh, dw = geo.dilation
     n = x.shape[0]
     xp = _pad(x, geo)
+    yp = xp if y is None else _pad(y, geo)
     hp, wp = xp.shape[-2:]
     rows, ho = _axis_plan(hp, kh, sh, dh)
     cols, wo = _axis_plan(wp, kw, sw, dw)
@@ -206,14 +211,19 @@ def conv_input_moments(
     kk = kh * kw
     offsets = [(i, j) for i in range(kh) for j in range(kw)]
     groups_of_pairs: dict[tuple, list[tuple[int, int]]] = {}
-    for ia, ib in itertools.combinations_with_replacement(range(kk), 2):
+    # Sigma is symmetric: blocks a <= b suffice. A cross moment needs every ordered pair.
+    if y is None:
+        all_pairs = itertools.combinations_with_replacement(range(kk), 2)
+    else:
+        all_pairs = itertools.product(range(kk), repeat=2)
+    for ia, ib in all_pairs:
         (ai, aj), (bi, bj) = offsets[ia], offsets[ib]
         key = (rows[ai][0], cols[aj][0], rows[bi][0], cols[bj][0],
                rows[bi][1] - rows[ai][1], cols[bj][1] - cols[aj][1])
         groups_of_pairs.setdefault(key, []).append((ia, ib))
     shifts = [lag_i * ws + lag_j for (*_, lag_i, lag_j) in groups_of_pairs]
     front, back = max(0, -min(shifts)), max(0, max(shifts))
-    bufs: dict[tuple[int, int], torch.Tensor] = {}
+    bufs: dict[tuple[int, int, bool], torch.Tensor] = {}
     top, _, left, _ = geo.pad
     real = (top, top + x.shape[2]), (left, left + x.shape[3])  # input rows / cols inside padding
 
@@ -226,21 +236,22 @@ def conv_input_moments(
         lo, hi = real[axis]
         return max(0, -(-(lo - phase) // s_)), min(size, -(-(hi - phase) // s_))
 
-    def phase_buffer(fr: int, fc: int) -> torch.Tensor:
-        if (fr, fc) not in bufs:
+    def phase_buffer(fr: int, fc: int, second: bool = False) -> torch.Tensor:
+        key = (fr, fc, second and y is not None)
+        if key not in bufs:
             buf = x.new_zeros(front + m + back, g, cg)
             grid = buf[front : front + m].view(n, hs, ws, g, cg)
-            sub = xp[:, :, fr::sh, fc::sw]
+            sub = (yp if key[2] else xp)[:, :, fr::sh, fc::sw]
             grid[:, : sub.shape[2], : sub.shape[3]] = sub.permute(0, 2, 3, 1).reshape(
                 n, sub.shape[2], sub.shape[3], g, cg
             )
-            bufs[(fr, fc)] = buf
-        return bufs[(fr, fc)]
+            bufs[key] = buf
+        return bufs[key]
 
     blocks = x.new_zeros(g, kk, kk, cg, cg)
     for (fai, faj, fbi, fbj, lag_i, lag_j), pairs in groups_of_pairs.items():
         shift = lag_i * ws + lag_j
-        buf_a, buf_b = phase_buffer(fai, faj), phase_buffer(fbi, fbj)
+        buf_a, buf_b = phase_buffer(fai, faj), phase_buffer(fbi, fbj, second=True)
         flat_a = buf_a[front : front + m]
         flat_b = buf_b[front + shift : front + shift + m]
         grid_a = flat_a.view(n, hs, ws, g, cg)
@@ -308,7 +319,7 @@ def conv_input_moments(
         for ia, ib in pairs:
             acc = window[(rows[offsets[ia][0]][1], cols[offsets[ia][1]][1])]
             blocks[:, ia, ib] = acc
-            if ia != ib:
+            if ia != ib and y is None:
                 blocks[:, ib, ia] = acc.transpose(1, 2)
 
     # Sum of patches: per offset, the sum over its window.
@@ -327,13 +338,15 @@ def conv_input_moments(
 
 
 def linear_input_moments(
-    x: torch.Tensor, compute_dtype: torch.dtype | None = None
+    x: torch.Tensor, compute_dtype: torch.dtype | None = None, y: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``(sum x x^T (1, D, D), sum x (1, D), count)`` for a Linear input of any leading shape.
 
     Every vector along the last dimension (every token of a ``(B, L, D)`` input) is a sample.
+    With ``y`` (same shape) the first result is the cross moment ``sum x y^T``.
     """
     if compute_dtype is None:
         compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     flat = x.reshape(-1, x.shape[-1]).to(compute_dtype)
-    return (flat.T @ flat).unsqueeze(0), flat.sum(0).unsqueeze(0), flat.shape[0]
+    other = flat if y is None else y.reshape(-1, y.shape[-1]).to(compute_dtype)
+    return (flat.T @ other).unsqueeze(0), flat.sum(0).unsqueeze(0), flat.shape[0]
