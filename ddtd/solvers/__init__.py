@@ -1,0 +1,33 @@
+"""Per-layer solvers: pure functions on tensors (weight, Sigma or None, rank) -> factors.
+
+Every solver minimises ``trace((W - W~) Sigma (W - W~)^T)`` (``Sigma = I`` when ``sigma`` is
+``None``) and reports *relative squared* errors ``err / trace(W Sigma W^T)``.  See the module
+docstrings for the maths, :mod:`ddtd.solvers.formats` for parameter counts.
+
+Public functions:
+
+* :func:`sigma_svd` / :func:`sigma_svd_cross` -> :class:`SVDResult` (``W~ = A @ B``)
+* :func:`tucker2` -> :class:`Tucker2Result` (``U``, ``core``, ``V``)
+* :func:`cp_als`, :func:`cp3`, :func:`cp4` -> :class:`CPResult` (``A``, ``B``, ``C``, ``E``)
+
+``SOLVERS`` maps a format name to its solver; all share the call
+``SOLVERS[fmt](weight, sigma, rank, **options)``.
+"""
+
+from .cp import CPResult, cp3, cp4, cp_als, khatri_rao
+from .formats import FORMATS, param_count, rank_for_budget, rank_for_ratio
+from .svd import SVDResult, sigma_svd, sigma_svd_cross
+from .tucker2 import Tucker2Result, tucker2
+
+SOLVERS = {
+    "svd": sigma_svd,
+    "tucker2": tucker2,
+    "cp3": cp3,
+    "cp4": cp4,
+}
+
+__all__ = [
+    "CPResult", "SVDResult", "Tucker2Result", "SOLVERS", "FORMATS",
+    "cp3", "cp4", "cp_als", "khatri_rao", "sigma_svd", "sigma_svd_cross", "tucker2",
+    "param_count", "rank_for_budget", "rank_for_ratio",
+]

@@ -1,0 +1,318 @@
+"""Shared numerics for the per-layer solvers.
+
+Conventions (all solvers):
+
+* ``weight`` is a Linear weight ``(T, D)`` or a conv kernel ``(T, S, kh, kw)``; as a matrix
+  ``W = weight.reshape(T, D)``, ``D = S*kh*kw``, columns in (channel, row, col) order, the order
+  of ``torch.nn.functional.unfold``.
+* ``sigma`` is the ``(D, D)`` symmetric PSD input second moment (or centred covariance, the caller
+  chooses) or ``None`` for the Frobenius norm (``Sigma = I``).  Grouped convs: ``(g, D_g, D_g)``.
+* Objective: ``err(W~) = trace((W - W~) Sigma (W - W~)^T)``; every error a solver reports is the
+  *relative squared* Sigma error ``err(W~) / trace(W Sigma W^T)``.
+
+Precision policy: Gram matrices, ``R x R`` / ``n R x n R`` solves and eigen-decompositions are done
+in float64; the large products (``Sigma @ M``, MTTKRPs) in ``dtype`` (float32 by default, which is
+safe because every such product feeds a float64 solve whose conditioning is that of the small Gram,
+and the final reported error is recomputed from the explicit residual ``W - W~``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ddtd.errors import InputError, NumericalError
+
+F64 = torch.float64
+
+#: Relative floor added to Sigma (times its mean diagonal) by the iterative solvers, see
+#: :func:`prepare_sigma`.
+EPS_REL = 1e-10
+
+
+@contextlib.contextmanager
+def serial_lapack(n: int, limit: int = 1024):
+    """Run a dense factorisation of an ``n x n`` matrix single-threaded when ``n <= limit``.
+
+    For such sizes threading gains little, and on a loaded machine (another process using the
+    cores) OpenMP-threaded ``eigh`` was measured 10-100x slower than single-threaded.
+    """
+    nt = torch.get_num_threads()
+    if n > limit or nt == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(nt)
+
+
+def eigh(X: torch.Tensor):
+    """``torch.linalg.eigh`` (ascending), see :func:`serial_lapack`."""
+    with serial_lapack(X.shape[-1]):
+        return torch.linalg.eigh(X)
+
+
+def qr(X: torch.Tensor):
+    """Reduced QR, see :func:`serial_lapack`."""
+    with serial_lapack(min(X.shape[-2:]) * 4):
+        return torch.linalg.qr(X)
+
+
+def _where(name: str | None) -> str:
+    return f"layer '{name}'" if name else "layer <unnamed>"
+
+
+def check_finite(t: torch.Tensor, what: str, name: str | None) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise NumericalError(
+            f"{_where(name)}: {what} contains NaN or Inf",
+            hint="check the checkpoint and the calibration activations of this layer "
+            "(run calibration again with anomaly checks, or exclude the layer)",
+        )
+
+
+def diverged(name: str | None, solver: str, detail: str) -> NumericalError:
+    return NumericalError(
+        f"{_where(name)}: {solver} diverged ({detail})",
+        hint="try damping=1e-6 or a smaller rank, or solve this layer with norm 'frobenius' "
+        "to check the weight itself",
+    )
+
+
+def resolve_device_dtype(weight: torch.Tensor, device, dtype) -> tuple[torch.device, torch.dtype]:
+    dev = torch.device(device) if device is not None else weight.device
+    dt = dtype if dtype is not None else torch.float32
+    if dt not in (torch.float32, torch.float64):
+        raise InputError(f"dtype must be torch.float32 or torch.float64, got {dt}",
+                         hint="pass dtype=torch.float32 (fast) or torch.float64 (exact)")
+    return dev, dt
+
+
+def as_matrix(weight: torch.Tensor) -> torch.Tensor:
+    if weight.dim() < 2:
+        raise InputError(f"weight must have at least 2 dims, got shape {tuple(weight.shape)}",
+                         hint="pass a Linear weight (T, D) or conv kernel (T, S, kh, kw)")
+    return weight.reshape(weight.shape[0], -1)
+
+
+def prepare_sigma(sigma: torch.Tensor | None, D: int, *, damping: float, eps_rel: float,
+                  device: torch.device, name: str | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Return ``(sigma_obj, sigma_solve)`` in float64 on ``device`` (both ``None`` for Frobenius).
+
+    ``sigma_obj = Sigma + damping * mean(diag) * I`` is the objective every reported error uses.
+    ``sigma_solve = sigma_obj + eps_rel * mean(diag) * I`` is what the iterative solvers factor
+    and invert.  Why the floor does not matter: a singular Sigma (dead ReLU channels, zero padding)
+    has directions that carry no input energy; changing ``W~`` along them does not change the
+    objective, so the problem has no unique solution there.  The floor selects the minimum-norm
+    one and changes the objective by at most ``eps_rel * mean(diag) * ||W - W~||_F^2``, i.e. by a
+    relative ``~1e-10`` on the error of any sensible approximation, far below float32 rounding.
+    Results are therefore the same for any floor in ``[1e-13, 1e-8]`` (tested).  The Sigma-SVD
+    does not use the floor at all (its closed form only needs ``W Sigma W^T``).
+    """
+    if sigma is None:
+        return None, None
+    if sigma.shape != (D, D):
+        raise InputError(f"{_where(name)}: sigma has shape {tuple(sigma.shape)}, expected ({D}, {D})",
+                         hint="sigma must be the covariance of the unfolded layer input (D = S*kh*kw)")
+    check_finite(sigma, "sigma", name)
+    s = sigma.to(device=device, dtype=F64)
+    s = 0.5 * (s + s.T)
+    md = float(torch.diagonal(s).mean())
+    if md <= 0:
+        raise InputError(f"{_where(name)}: sigma has zero trace (the layer never saw any input energy)",
+                         hint="check the calibration store for this layer, or use norm 'frobenius'")
+    if damping:
+        s = s + damping * md * torch.eye(D, dtype=F64, device=device)
+    s_solve = s + eps_rel * md * torch.eye(D, dtype=F64, device=device)
+    return s, s_solve
+
+
+def spd_solve(G: torch.Tensor, rhs: torch.Tensor, right: bool = False) -> torch.Tensor:
+    """Solve ``G X = rhs`` (or ``X G = rhs`` if ``right``) for symmetric PSD ``G`` in float64.
+
+    Cholesky; if ``G`` is numerically singular, retry with a growing jitter (relative to its mean
+    diagonal), which yields the regularised minimum-norm solution.
+    """
+    G = G.to(F64)
+    G = 0.5 * (G + G.T)
+    rhs64 = rhs.to(F64)
+    n = G.shape[0]
+    md = float(torch.diagonal(G).mean().abs()) or 1.0
+    eye = torch.eye(n, dtype=F64, device=G.device)
+    jitter = 0.0
+    for _ in range(8):
+        L, info = torch.linalg.cholesky_ex(G + jitter * md * eye)
+        if int(info) == 0:
+            if right:
+                X = torch.cholesky_solve(rhs64.T, L).T
+            else:
+                X = torch.cholesky_solve(rhs64, L)
+            if bool(torch.isfinite(X).all()):
+                return X
+        jitter = 1e-13 if jitter == 0.0 else jitter * 100
+    # last resort: eigen-pseudo-inverse
+    w, V = eigh(G)
+    winv = torch.where(w > w.max() * 1e-12, 1.0 / w, torch.zeros_like(w))
+    Ginv = (V * winv) @ V.T
+    return rhs64 @ Ginv if right else Ginv @ rhs64
+
+
+def top_eigvecs(X: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` eigenpairs of a symmetric PSD matrix (float64), descending."""
+    X = X.to(F64)
+    w, V = eigh(0.5 * (X + X.T))
+    w = w.flip(0)[:k]
+    V = V.flip(1)[:, :k]
+    return w, V
+
+
+def top_left_singular(X: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-``k`` left singular vectors of ``X`` (float64, via the smaller Gram or an SVD)."""
+    X = X.to(F64)
+    if X.shape[0] <= X.shape[1]:
+        return top_eigvecs(X @ X.T, k)[1]
+    U, _, _ = torch.linalg.svd(X, full_matrices=False)
+    return U[:, :k]
+
+
+def frob_sq(x: torch.Tensor) -> float:
+    return float((x.to(F64) ** 2).sum())
+
+
+def sigma_error(dW: torch.Tensor, sigma: torch.Tensor | None, dtype: torch.dtype) -> float:
+    """``trace(dW Sigma dW^T)`` from an explicit residual (float64 accumulation)."""
+    if sigma is None:
+        return frob_sq(dW)
+    d = dW.to(dtype)
+    return float(((d @ sigma.to(dtype)).to(F64) * dW.to(F64)).sum())
+
+
+def pcg(op: Callable, b: torch.Tensor, x0: torch.Tensor,
+        r0: torch.Tensor | None, precond: Callable[[torch.Tensor], torch.Tensor] | None,
+        tol: float, max_iter: int, track: torch.Tensor | None = None,
+        energy_tol: float = 0.0):
+    """Preconditioned conjugate gradients on matrix unknowns ``op(X) = b`` (op SPD).
+
+    ``r0 = b - op(x0)`` may be passed when already known (saves one operator application).
+    Inner products accumulate in float64.  Every step decreases the quadratic energy, so a
+    truncated solve still never increases the ALS objective.  Returns ``(x, steps)``.
+
+    With ``track`` (= ``Lin(x0)`` for a linear map ``Lin``), ``op`` must return
+    ``(op(p), Lin(p))`` and the result is ``(x, steps, Lin(x))`` (the image is updated along
+    with ``x``, which saves recomputing it).
+
+    ``energy_tol``: also stop once a step lowers the quadratic ``x^T op(x) - 2 b^T x`` (which is
+    the solver objective up to a constant) by less than ``energy_tol`` (absolute).
+    """
+    x = x0.clone()
+    tracked = track.clone() if track is not None else None
+    if r0 is None:
+        o = op(x0)
+        r = b - (o[0] if track is not None else o)
+    else:
+        r = r0.clone()
+    bnorm = math.sqrt(frob_sq(b)) or 1.0
+
+    def out(steps):
+        return (x, steps, tracked) if track is not None else (x, steps)
+
+    if math.sqrt(frob_sq(r)) <= tol * bnorm:
+        return out(0)
+    z = precond(r) if precond is not None else r
+    p = z.clone()
+    rz = float((r.to(F64) * z.to(F64)).sum())
+    steps = 0
+    for steps in range(1, max_iter + 1):
+        o = op(p)
+        if track is not None:
+            Ap, Lp = o
+        else:
+            Ap, Lp = o, None
+        pAp = float((p.to(F64) * Ap.to(F64)).sum())
+        if not pAp > 0:
+            break
+        alpha = rz / pAp
+        x = x + alpha * p
+        if tracked is not None:
+            tracked = tracked + alpha * Lp
+        r = r - alpha * Ap
+        if math.sqrt(frob_sq(r)) <= tol * bnorm or alpha * rz < energy_tol:
+            break
+        z = precond(r) if precond is not None else r
+        rz_new = float((r.to(F64) * z.to(F64)).sum())
+        p = z + (rz_new / rz) * p
+        rz = rz_new
+    return out(steps)
+
+
+def partial_traces(sigma: torch.Tensor, dims: tuple[int, ...], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kronecker-type approximation of ``Sigma`` for mode ``k`` of the input index.
+
+    The input index is ``(i_1, ..., i_m)`` with sizes ``dims`` (C order).  Returns ``(Sk, Srest)``
+    with ``Sk`` (n_k x n_k) the partial trace over the other modes and ``Srest`` the partial trace
+    over mode ``k`` (ordered like the other modes, C order), scaled so that
+    ``Sigma ~ Sk (x) Srest`` (modulo the mode permutation).  Used only to precondition CG.
+    """
+    m = len(dims)
+    S = sigma.reshape(*dims, *dims)
+    # move mode k first on both sides
+    perm = [k] + [i for i in range(m) if i != k]
+    S = S.permute(*perm, *[m + i for i in perm])
+    nk = dims[k]
+    rest = math.prod(dims) // nk
+    S = S.reshape(nk, rest, nk, rest)
+    Sk = torch.einsum("aibi->ab", S)
+    Srest = torch.einsum("aiaj->ij", S)
+    tr = float(torch.diagonal(Sk).sum()) or 1.0
+    return Sk / tr, Srest
+
+
+@dataclass(frozen=True)
+class GroupSplit:
+    groups: int
+    weights: list
+    sigmas: list
+
+
+def split_groups(weight: torch.Tensor, sigma: torch.Tensor | None, groups: int | None,
+                 name: str | None) -> GroupSplit:
+    """Split a grouped layer: group ``i`` owns output channels ``[i*T/g, (i+1)*T/g)`` and
+    ``sigma[i]``.  ``groups`` is inferred from a 3-D ``sigma`` when not given."""
+    if groups is None:
+        groups = sigma.shape[0] if (sigma is not None and sigma.dim() == 3) else 1
+    g = int(groups)
+    T = weight.shape[0]
+    if g < 1 or T % g:
+        raise InputError(f"{_where(name)}: {T} output channels cannot be split into {g} groups",
+                         hint="pass the layer's groups value")
+    ws = list(weight.reshape(g, T // g, *weight.shape[1:]).unbind(0))
+    if sigma is None:
+        ss = [None] * g
+    elif sigma.dim() == 3:
+        if sigma.shape[0] != g:
+            raise InputError(f"{_where(name)}: sigma has {sigma.shape[0]} groups, expected {g}",
+                             hint="sigma for a grouped conv has shape (groups, D_g, D_g)")
+        ss = list(sigma.unbind(0))
+    elif g == 1:
+        ss = [sigma]
+    else:
+        raise InputError(f"{_where(name)}: groups={g} needs a sigma of shape (g, D_g, D_g), "
+                         f"got {tuple(sigma.shape)}", hint="pass one covariance per group")
+    return GroupSplit(g, ws, ss)
+
+
+def combine_histories(hists: list[list[float]], bases: list[float]) -> list[float]:
+    """Relative error of a grouped layer per iteration: ``sum_i err_i / sum_i base_i`` (groups
+    that stopped early keep their last value)."""
+    n = max(len(h) for h in hists)
+    total = sum(bases) or 1.0
+    out = []
+    for it in range(n):
+        out.append(sum(b * (h[min(it, len(h) - 1)]) for h, b in zip(hists, bases)) / total)
+    return out
