@@ -110,6 +110,163 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _transform_from(args, model):
+    from .calibration.run import first_layer_channels
+    from .data import ImageTransform
+
+    return ImageTransform(size=args.size, resize=args.resize, mean=args.mean, std=args.std,
+                          channels=args.channels or first_layer_channels(model))
+
+
+def _rank_arg(text: str | None):
+    if text is None:
+        return None
+    value = float(text)
+    return int(value) if value.is_integer() and "." not in text else value
+
+
+def cmd_compress(args) -> int:
+    import json as _json
+
+    from .compress import compress
+    from .methods import MethodConfig
+    from .model_io import load_model, save_model
+    from .report import format_report, write_json
+
+    out = Path(args.output)
+    model = load_model(args.model, weights=args.weights, num_classes=args.num_classes, device=args.device)
+    if getattr(model, "ddtd_spec", None) is None:
+        raise DdtdError("this model has no rebuildable architecture spec, so its compressed file could "
+                        "not be loaded back", hint="pass --model as an architecture name / factory / .ddtd file")
+    if args.model and Path(args.model).exists() and Path(args.model).resolve() == out.resolve():
+        raise DdtdError("the output would overwrite the input model", hint="choose another -o path")
+    if args.images is None and args.calib is None:
+        raise DdtdError("nothing to fit against", hint="pass --calib STORE.h5 (from ddtd calibrate) or --images DIR")
+    transform = _transform_from(args, model)
+    ranks = None
+    if args.ranks:
+        try:
+            ranks = _json.loads(Path(args.ranks).read_text())
+        except (OSError, ValueError) as exc:
+            raise DdtdError(f"cannot read --ranks file '{args.ranks}' ({exc})",
+                            hint='give a JSON object {"layer.name": rank, ...}') from exc
+    cfg = MethodConfig(norm=args.norm, max_iter=args.max_iter, tol=args.tol, seed=args.seed)
+    result = compress(
+        model, args.images, store=args.calib, ratio=args.ratio, budget=args.budget, rank=_rank_arg(args.rank),
+        ranks=ranks, error=args.error, method=args.method, norm=args.norm, strategy=args.strategy,
+        layers=args.layers, include_first=args.include_first, include_last=args.include_last,
+        sequential=args.sequential, config=cfg, num_images=args.num_images, batch_size=args.batch_size,
+        transform=transform, seed=args.seed, device=args.device,
+        input_shape=(transform.channels, transform.size, transform.size),
+    )
+    save_model(result.model, out, spec=model.ddtd_spec, replacements=result.records,
+               report=result.report.to_dict(), transform=transform.to_dict())
+    print(format_report(result.report))
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+    if args.report_json:
+        write_json(result.report.to_dict(), args.report_json)
+    if args.export:
+        _export(result.model, out, args.export, (1, transform.channels, transform.size, transform.size))
+    return 0
+
+
+def _export(model, out: Path, kind: str, shape) -> None:
+    import torch
+
+    from .atomic import atomic_path
+
+    example = torch.randn(*shape, device=next(model.parameters()).device)
+    model.eval()
+    if kind == "torchscript":
+        target = out.with_suffix(".ts")
+        with torch.no_grad():
+            traced = torch.jit.trace(model, example)
+        with atomic_path(target) as tmp:
+            traced.save(str(tmp))
+    else:
+        try:
+            import onnx  # noqa: F401
+        except ImportError as exc:
+            raise DdtdError("ONNX export needs the onnx package", hint="pip install 'ddtd[onnx]'") from exc
+        target = out.with_suffix(".onnx")
+        with atomic_path(target) as tmp:
+            torch.onnx.export(model, example, str(tmp), dynamo=False)
+    print(f"exported {target}")
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate, paired_latency
+    from .model_io import load_model
+    from .report import write_json
+
+    model = load_model(args.model, weights=args.weights, num_classes=args.num_classes, device=args.device)
+    ref = None
+    if args.reference:
+        ref = load_model(args.reference, weights=args.reference_weights, num_classes=args.num_classes,
+                         device=args.device)
+    transform = _transform_from(args, ref if ref is not None and not hasattr(model, "ddtd_spec") else model)
+    res = evaluate(model, args.images, transform, reference=ref, num_images=args.num_images,
+                   batch_size=args.batch_size, seed=args.seed, device=args.device)
+    shape = (transform.channels, transform.size, transform.size)
+    if not args.no_latency:
+        models = {"model": model} if ref is None else {"model": model, "reference": ref}
+        lat = paired_latency(models, shape)
+        res.latency_ms = lat["model"]
+        res.reference_latency_ms = lat.get("reference")
+    print(f"images: {res.images}")
+    if res.accuracy is not None:
+        print(f"top-1 accuracy: {100 * res.accuracy:.2f}%"
+              + (f" (reference {100 * res.reference_accuracy:.2f}%)" if res.reference_accuracy is not None else ""))
+    if res.agreement is not None:
+        print(f"top-1 agreement with the reference: {100 * res.agreement:.2f}%; "
+              f"relative output error {res.relative_output_error:.4f}")
+    if res.latency_ms:
+        for k, v in res.latency_ms.items():
+            line = f"latency {k}: {v:.2f} ms"
+            if res.reference_latency_ms:
+                r = res.reference_latency_ms[k]
+                line += f" (reference {r:.2f} ms, speedup {r / v:.2f}x)"
+            print(line)
+    if args.json:
+        import dataclasses
+
+        from .model_io import read_model_file_meta
+
+        meta = read_model_file_meta(args.model)
+        report = meta.get("report") or {}
+        settings = report.get("settings", {})
+        write_json({**dataclasses.asdict(res), "model": str(args.model), "ratio": report.get("ratio"),
+                    "macs_ratio": report.get("macs_ratio"), "method": settings.get("method"),
+                    "norm": settings.get("norm")}, args.json)
+    return 0
+
+
+def cmd_report(args) -> int:
+    import json as _json
+
+    from .compress import Report
+    from .model_io import read_model_file_meta
+    from .report import format_report, plot_accuracy, write_json
+
+    results = []
+    for path in args.files:
+        if str(path).endswith(".json"):
+            results.append(_json.loads(Path(path).read_text()))
+            continue
+        meta = read_model_file_meta(path)
+        if not meta.get("report"):
+            raise DdtdError(f"'{path}' holds no compression report", hint="pass a file written by ddtd compress")
+        report = Report.from_dict(meta["report"])
+        print(f"== {path}")
+        print(format_report(report))
+        if args.json:
+            write_json(meta["report"], args.json if len(args.files) == 1 else f"{args.json}.{Path(path).stem}.json")
+    if args.plot:
+        plot_accuracy(results, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .calibration import DEFAULT_MAX_DIM
 
@@ -133,6 +290,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stores", nargs="+", type=Path)
     p.add_argument("-o", "--output", required=True, type=Path)
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("compress", help="compress a model (no fine-tuning) and write a .ddtd file")
+    _add_model_args(p)
+    _add_image_args(p)
+    p.set_defaults(images=None)
+    for a in p._actions:
+        if a.dest == "images":
+            a.required = False
+    p.add_argument("--calib", type=Path, help="covariance store from `ddtd calibrate` (else --images calibrates)")
+    p.add_argument("--norm", choices=["sigma", "frobenius"], default="sigma")
+    p.add_argument("--method", choices=["auto", "svd", "tucker2", "cp3", "cp4"], default="auto")
+    size = p.add_argument_group("size (one of)")
+    size.add_argument("--ratio", type=float, help="whole-model compression ratio, e.g. 4")
+    size.add_argument("--rank", help="every layer: an int rank, or a float > 1 = per-layer ratio")
+    size.add_argument("--ranks", help='JSON file {"layer": rank or [R1, R2]}')
+    size.add_argument("--error", type=float, help="per-layer relative Sigma error budget, e.g. 0.05")
+    p.add_argument("--budget", choices=["params", "flops"], default="params", help="what --ratio counts")
+    p.add_argument("--strategy", choices=["global", "uniform", "vbmf"], default="global")
+    p.add_argument("--layers", help="globs of layers to compress (default: all but the first conv and the classifier)")
+    p.add_argument("--include-first", action="store_true", help="also compress the input layer")
+    p.add_argument("--include-last", action="store_true", help="also compress the final classifier")
+    seq = p.add_mutually_exclusive_group()
+    seq.add_argument("--sequential", dest="sequential", action="store_true", default=None,
+                     help="fit each layer on the outputs of the already-compressed layers")
+    seq.add_argument("--no-sequential", dest="sequential", action="store_false")
+    p.add_argument("--max-iter", type=int, default=50, help="ALS iterations (tucker2, cp)")
+    p.add_argument("--tol", type=float, default=1e-5)
+    p.add_argument("--export", choices=["torchscript", "onnx"])
+    p.add_argument("--report-json", type=Path)
+    p.add_argument("-o", "--output", required=True, type=Path, help="compressed model file (.ddtd)")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("eval", help="accuracy, agreement with the original, latency")
+    _add_model_args(p)
+    _add_image_args(p)
+    p.add_argument("--reference", help="the original model (name / factory / file)")
+    p.add_argument("--reference-weights", help="its state dict, if --reference is an architecture name")
+    p.add_argument("--no-latency", action="store_true")
+    p.add_argument("--json", type=Path, help="write the results as JSON (input of `ddtd report --plot`)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="per-layer table of compressed files; plot of eval results")
+    p.add_argument("files", nargs="+", type=Path, help=".ddtd files (tables) and/or eval .json files (plot)")
+    p.add_argument("--json", type=Path, help="write the report as JSON")
+    p.add_argument("--plot", type=Path, help="PNG of accuracy against ratio from eval .json files")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("info", help="describe a covariance store")
     p.add_argument("store", type=Path)

@@ -163,6 +163,10 @@ def _load_ddtd_file(path: Path) -> nn.Module:
         raise InputError(f"'{path}' has format {obj['ddtd_format']}; this ddtd reads up to {FORMAT_VERSION}",
                          hint="upgrade ddtd")
     model = build_from_spec(obj["spec"])
+    if obj.get("replacements"):
+        from .layers import apply_replacements
+
+        model = apply_replacements(model, obj["replacements"], inplace=True)
     model.load_state_dict(obj["state_dict"])
     model.ddtd_spec = obj["spec"]
     return model
@@ -185,3 +189,17 @@ def save_model(model: nn.Module, path: str | os.PathLike, spec: ModelSpec | None
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
+
+
+def read_model_file_meta(path: str | os.PathLike) -> dict:
+    """Everything in a ddtd model file except the weights (report, plan, transform...)."""
+    path = Path(path)
+    if not path.is_file() or _is_torchscript(path):
+        return {}
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return {}
+    if not isinstance(obj, dict) or "ddtd_format" not in obj:
+        return {}
+    return {k: v for k, v in obj.items() if k != "state_dict"}

@@ -1,0 +1,534 @@
+"""Compress a model end to end: fold BN, calibrate, plan ranks, solve each layer, assemble.
+
+The one call :func:`compress` is made of typed pieces that can be used alone:
+
+* :func:`prepare` - copy the model and fold BatchNorm into the convs before it (the error that
+  matters is the one after BN);
+* :func:`ddtd.calibration.calibrate` - input moments per layer (or a store from disk);
+* :func:`plan` - which layers, which method, which ranks;
+* :func:`solve` - one layer: factors from its weight and (centred) covariance, with the bias
+  moved to ``b + (W - W~) mu``;
+* :func:`assemble` - swap the fitted chains in, by qualified name.
+
+Objective per layer (``norm="sigma"``): ``min trace((W - W~) Sigma_c (W - W~)^T)`` with the
+centred covariance ``Sigma_c``; the bias correction makes that the exact mean squared output
+error on the calibration data. Sequential mode fits each layer on the inputs ``x~`` produced by
+the already-compressed layers before it, against the original outputs:
+``min E||W x + b - W~ x~ - b~||^2``. Since ``E||W x - W~ x~||^2 = E||W x - W' x~||^2 +
+E||(W' - W~) x~||^2`` with ``W' = W C_{x x~} C_{x~ x~}^+`` (centred moments), that is the ordinary
+problem for the target ``W'`` in the ``C_{x~ x~}`` metric, for every format.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .calibration import CovarianceStore, LayerMoments, calibrate, select_layers
+from .calibration.moments import conv_geometry, conv_input_moments, linear_input_moments
+from .errors import InputError
+from .layers import (factorized_weight, fold_batchnorm, fold_records, get_module, macs_by_layer,
+                     replace_layer)
+from .methods import METHODS, MethodConfig, applicable, get_method, layer_dims
+from .ranks import (ErrorBudget, LayerShape, Ratio, allocate, evbmf_rank, format_macs,
+                    format_params, resolve_rank, whitened_spectrum)
+
+__all__ = ["LayerPlan", "LayerReport", "Report", "prepare", "plan", "solve", "compress"]
+
+log = logging.getLogger("ddtd")
+
+
+@dataclass
+class LayerPlan:
+    """What to do with one layer: ``method`` ``None`` means leave it dense (``reason`` says why)."""
+
+    name: str
+    method: str | None
+    ranks: Any = None
+    candidates: tuple[str, ...] = ()
+    reason: str = ""
+
+
+@dataclass
+class LayerReport:
+    name: str
+    type: str
+    method: str
+    ranks: Any
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    sigma_error: float | None
+    weight_error: float | None
+    seconds: float
+    note: str = ""
+
+
+@dataclass
+class Report:
+    """Per-layer table and totals of a compression (JSON-serialisable with :meth:`to_dict`)."""
+
+    layers: list[LayerReport] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    macs_before: int = 0
+    macs_after: int = 0
+    settings: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return self.params_before / max(1, self.params_after)
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.macs_before / max(1, self.macs_after)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["ratio"], d["macs_ratio"] = self.ratio, self.macs_ratio
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Report":
+        d = {k: v for k, v in d.items() if k not in ("ratio", "macs_ratio")}
+        d["layers"] = [LayerReport(**row) for row in d.get("layers", [])]
+        return cls(**d)
+
+
+def prepare(model: nn.Module) -> tuple[nn.Module, list[dict]]:
+    """A copy of ``model`` in eval mode with BatchNorm folded into the preceding convs.
+
+    Returns the copy and the fold records (for the saved file). The original is not touched.
+    """
+    work = copy.deepcopy(model).eval()
+    work, folded = fold_batchnorm(work, inplace=True)
+    return work, fold_records(folded)
+
+
+def _shape(layer: nn.Module, macs: int) -> LayerShape:
+    T, S, kh, kw, g = layer_dims(layer)
+    pos_out = max(1, macs // max(1, layer.weight.numel()))
+    if isinstance(layer, nn.Conv2d):
+        sh, sw = layer.stride
+        pos_in = pos_out * sh * sw
+    else:
+        pos_in = pos_out
+    return LayerShape(T=T, S=S, kh=kh, kw=kw, groups=g, pos_in=pos_in, pos_out=pos_out)
+
+
+def _default_excluded(model: nn.Module, names: list[str]) -> dict[str, str]:
+    """The input layer and the final classifier stay dense unless asked for by name."""
+    out = {}
+    convs = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if convs:
+        out[convs[0]] = "input layer (few channels, little to gain, sensitive)"
+        last = convs[-1]
+        if isinstance(get_module(model, last), nn.Linear):
+            out[last] = "final classifier (a low rank here costs classes)"
+    return {k: v for k, v in out.items() if k in names}
+
+
+def plan(
+    model: nn.Module,
+    moments: dict[str, LayerMoments] | CovarianceStore,
+    *,
+    input_shape: tuple[int, ...],
+    method: str = "auto",
+    norm: str = "sigma",
+    ratio: float | None = None,
+    budget: str = "params",
+    rank=None,
+    ranks: dict[str, Any] | None = None,
+    error: float | None = None,
+    strategy: str = "global",
+    layers: str | list[str] | None = None,
+    include_first: bool = False,
+    include_last: bool = False,
+) -> tuple[list[LayerPlan], dict[str, LayerShape], dict[str, int]]:
+    """Decide method and ranks per layer. Exactly one of ``ratio``, ``rank``, ``ranks``,
+    ``error`` or ``strategy="vbmf"`` sets the size.
+
+    Returns the plans (module order), the layer shapes and the dense multiply-adds per layer.
+    """
+    given = [x is not None for x in (ratio, rank, ranks, error)]
+    if sum(given) > 1:
+        raise InputError("give one of ratio, rank, ranks or error", hint="e.g. --ratio 4")
+    if sum(given) == 0 and strategy != "vbmf":
+        raise InputError("no size given", hint="pass --ratio R, --rank R, --ranks FILE, --error E or --strategy vbmf")
+    if method != "auto":
+        get_method(method)
+    names = select_layers(model, layers)
+    excluded = _default_excluded(model, names)
+    convs = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if include_first:
+        excluded.pop(convs[0], None)
+    if include_last:
+        excluded.pop(convs[-1], None)
+    for name in list(excluded):  # a layer named exactly in --layers is wanted
+        if layers and _named_exactly(layers, name):
+            excluded.pop(name)
+    macs = macs_by_layer(model, (1, *input_shape))
+    plans: list[LayerPlan] = []
+    shapes: dict[str, LayerShape] = {}
+    for name in names:
+        layer = get_module(model, name)
+        if name in excluded:
+            plans.append(LayerPlan(name, None, reason=excluded[name]))
+            continue
+        if name not in moments:
+            raise InputError(
+                f"layer '{name}' has no entry in the covariance store",
+                hint="calibrate with --layers covering it (or a larger --max-dim), or exclude it with --layers",
+            )
+        cands = tuple(m for m in (METHODS if method == "auto" else [method]) if applicable(m, layer)[0])
+        if not cands:
+            plans.append(LayerPlan(name, None, reason=applicable(method, layer)[1]))
+            continue
+        if ranks is not None and name not in ranks:
+            plans.append(LayerPlan(name, None, reason="not in the ranks file"))
+            continue
+        shapes[name] = _shape(layer, macs.get(name, layer.weight.numel()))
+        plans.append(LayerPlan(name, cands[0], candidates=cands))
+    active = {p.name: p for p in plans if p.method is not None}
+    spectra = {}
+    if strategy in ("global", "vbmf") or error is not None or method == "auto":
+        for name in active:
+            lm = moments[name]
+            sigma = lm.covariance() if norm == "sigma" else None
+            spectra[name] = whitened_spectrum(get_module(model, name).weight.detach().cpu(), sigma)
+    # Size the layers (svd is the yardstick format for auto: each layer gets a parameter budget,
+    # every candidate is then fitted at that budget and the best one kept).
+    fmts = {n: (p.method if method != "auto" else "svd") for n, p in active.items()}
+    if ratio is not None:
+        total = (sum(p.numel() for p in model.parameters()) if budget == "params"
+                 else sum(macs.values()))
+        sizes = allocate({n: shapes[n] for n in active}, fmts, ratio, total=total, budget=budget,
+                         strategy=strategy, spectra=spectra)
+    else:
+        sizes = {}
+        for n in active:
+            if strategy == "vbmf" and rank is None and ranks is None and error is None:
+                spec = spectra[n]
+                T, S, kh, kw, g = layer_dims(get_module(model, n))
+                r = max(1, max(evbmf_rank(spec[i].clamp_min(0).sqrt().numpy(), (T // g, S * kh * kw))
+                               for i in range(spec.shape[0])))
+                req = _svd_budget_request(fmts[n], shapes[n], r)
+            elif error is not None:
+                req = ErrorBudget(error)
+            elif ranks is not None:
+                req = ranks[n]
+            else:
+                req = Ratio(rank) if isinstance(rank, float) else rank
+            sizes[n] = resolve_rank(req, fmts[n], shapes[n], spectra.get(n), name=n)
+    for p in plans:
+        if p.method is None:
+            continue
+        r = sizes.get(p.name)
+        if r is None:
+            p.method, p.reason = None, "would not shrink at its allocated size"
+        else:
+            p.ranks = r
+    return plans, shapes, macs
+
+
+def _named_exactly(layers, name):
+    pats = layers.split(",") if isinstance(layers, str) else layers
+    return name in [p.strip() for p in pats]
+
+
+def _svd_budget_request(fmt, shape, r):
+    """A rank found for the svd format, carried to ``fmt`` as the same parameter budget."""
+    if fmt == "svd":
+        return r
+    return Ratio(max(1.0001, shape.dense_params / max(1, format_params("svd", shape, r))))
+
+
+def _ranks_for_format(fmt: str, shape: LayerShape, svd_rank: int):
+    """Ranks of ``fmt`` with (at most) the parameters of an svd of rank ``svd_rank``."""
+    if fmt == "svd":
+        return svd_rank
+    return resolve_rank(_svd_budget_request(fmt, shape, svd_rank), fmt, shape)
+
+
+def _split(t: torch.Tensor, g: int) -> torch.Tensor:
+    return t.reshape(g, t.shape[0] // g, -1)
+
+
+def solve(
+    name: str,
+    layer: nn.Module,
+    method: str,
+    ranks,
+    cfg: MethodConfig,
+    sigma_c: torch.Tensor,
+    mean: torch.Tensor,
+    *,
+    target: torch.Tensor | None = None,
+    mean_in: torch.Tensor | None = None,
+) -> dict:
+    """Fit one layer. Pure tensor maths: returns factors, corrected bias and errors.
+
+    Args:
+        layer: the original layer (its weight ``W`` and bias ``b``).
+        sigma_c: ``(g, D, D)`` centred covariance of the inputs the replacement will see.
+        mean: ``(g, D)`` their mean.
+        target: weight to fit instead of ``W`` (sequential mode: ``W'``), same shape.
+        mean_in: ``(g, D)`` mean of the original inputs (sequential mode), for the bias.
+
+    Returns:
+        dict with ``factors``, ``bias``, ``sigma_error`` (relative, centred, the fitted target),
+        ``weight_error`` (``||W - W~||_F / ||W||_F``), ``history``.
+    """
+    W = layer.weight.detach()
+    Wt = W if target is None else target
+    g = sigma_c.shape[0]
+    factors, rel, history = get_method(method).solve(
+        Wt, sigma_c.to(torch.float64) if cfg.norm == "sigma" else None, ranks, cfg, name
+    )
+    W_new = factorized_weight(layer, method, *factors, name=name).to(torch.float64)
+    d_target = _split(Wt.to(torch.float64) - W_new.reshape(Wt.shape), g)
+    sig = sigma_c.to(torch.float64)
+    num = sum(torch.trace(d_target[i] @ sig[i] @ d_target[i].T) for i in range(g))
+    den = sum(torch.trace(_split(Wt.to(torch.float64), g)[i] @ sig[i] @ _split(Wt.to(torch.float64), g)[i].T)
+              for i in range(g))
+    sigma_error = float(num / den) if den > 0 else 0.0
+    # Bias: b~ = b + W mu_in - W~ mu  (mu_in = mu when the inputs are the original ones).
+    # The Frobenius baseline uses no data at all unless asked (cfg.bias_correction).
+    b = layer.bias.detach().to(torch.float64) if layer.bias is not None else torch.zeros(W.shape[0], dtype=torch.float64)
+    mu_in = mean if mean_in is None else mean_in
+    Wg, Wng = _split(W.to(torch.float64), g), _split(W_new, g)
+    correct = cfg.bias_correction if cfg.bias_correction is not None else cfg.norm == "sigma"
+    if correct:
+        shift = torch.cat([Wg[i] @ mu_in[i].to(torch.float64) - Wng[i] @ mean[i].to(torch.float64)
+                           for i in range(g)])
+        bias = (b + shift).to(W.dtype)
+    else:
+        bias = layer.bias.detach().clone() if layer.bias is not None else None
+    weight_error = float((W.to(torch.float64) - W_new.reshape(W.shape)).norm() / W.to(torch.float64).norm().clamp_min(1e-30))
+    return {"factors": factors, "bias": bias, "sigma_error": sigma_error, "solver_error": rel,
+            "weight_error": weight_error, "history": history}
+
+
+class _Stop(Exception):
+    pass
+
+
+def _capture_inputs(model: nn.Module, name: str, batches, device) -> list[torch.Tensor]:
+    """Inputs of layer ``name`` for every batch (forward stops right after it)."""
+    layer = get_module(model, name)
+    out: list[torch.Tensor] = []
+
+    def hook(_m, inputs):
+        out.append(inputs[0].detach())
+        raise _Stop
+
+    h = layer.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            for x in batches:
+                try:
+                    model(x.to(device))
+                except _Stop:
+                    pass
+    finally:
+        h.remove()
+    return out
+
+
+def _cross_moments(layer: nn.Module, xs: list[torch.Tensor], xts: list[torch.Tensor]):
+    """Centred ``C_{x~x~}``, ``C_{x x~}`` and the means of ``x`` and ``x~`` over all batches."""
+    acc = {}
+    for x, xt in zip(xs, xts):
+        if isinstance(layer, nn.Conv2d):
+            geo = conv_geometry(layer)
+            tt, t_sum, n = conv_input_moments(xt, geo)
+            xt_cross, x_sum, _ = conv_input_moments(x, geo, y=xt)
+        else:
+            tt, t_sum, n = linear_input_moments(xt)
+            xt_cross, x_sum, _ = linear_input_moments(x, y=xt)
+        for k, v in (("tt", tt), ("t", t_sum), ("xt", xt_cross), ("x", x_sum)):
+            acc[k] = acc.get(k, 0) + v.to(torch.float64)
+        acc["n"] = acc.get("n", 0) + n
+    n = acc["n"]
+    mu_t, mu_x = acc["t"] / n, acc["x"] / n
+    c_tt = acc["tt"] / n - mu_t.unsqueeze(-1) * mu_t.unsqueeze(-2)
+    c_xt = acc["xt"] / n - mu_x.unsqueeze(-1) * mu_t.unsqueeze(-2)
+    return c_tt, c_xt, mu_x, mu_t
+
+
+def _regression_target(W: torch.Tensor, c_tt: torch.Tensor, c_xt: torch.Tensor, eps_rel: float = 1e-10):
+    """``W' = W C_{x x~} C_{x~ x~}^+`` per group (directions ``x~`` never visits are dropped)."""
+    g = c_tt.shape[0]
+    Wg = _split(W.to(torch.float64), g)
+    out = []
+    for i in range(g):
+        ev, V = torch.linalg.eigh(c_tt[i])
+        keep = ev > eps_rel * ev.max().clamp_min(1e-300)
+        pinv = (V[:, keep] / ev[keep]) @ V[:, keep].T
+        out.append(Wg[i] @ c_xt[i] @ pinv)
+    return torch.cat(out).reshape(W.shape).to(W.dtype)
+
+
+@dataclass
+class CompressResult:
+    model: nn.Module
+    report: Report
+    records: list[dict]
+
+
+def compress(
+    model: nn.Module,
+    data=None,
+    *,
+    store: str | CovarianceStore | None = None,
+    ratio: float | None = None,
+    budget: str = "params",
+    rank=None,
+    ranks: dict | None = None,
+    error: float | None = None,
+    method: str = "auto",
+    norm: str = "sigma",
+    strategy: str = "global",
+    layers: str | list[str] | None = None,
+    include_first: bool = False,
+    include_last: bool = False,
+    sequential: bool | None = None,
+    config: MethodConfig | None = None,
+    num_images: int | None = None,
+    batch_size: int = 64,
+    transform=None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    show_progress: bool | None = None,
+) -> CompressResult:
+    """Compress ``model`` with no fine-tuning; the original is not modified.
+
+    Args:
+        data: an image folder, a DataLoader or a tensor batch (calibration inputs). Optional
+            when ``store`` is given (then ``sequential`` is not available).
+        store: a covariance store (path or object) made for this model.
+        ratio / budget: whole-model compression ratio in ``params`` or ``flops``.
+        rank / ranks / error: size every layer by an explicit rank (int) or layer ratio
+            (float > 1), per-layer ranks, or a relative Sigma error budget.
+        method: ``svd``, ``tucker2``, ``cp3``, ``cp4`` or ``auto`` (per layer, the lowest error
+            at the allocated size).
+        norm: ``sigma`` (data-driven) or ``frobenius`` (weights only, the baseline).
+        strategy: ``global`` (budget where the error per parameter saved is smallest), ``uniform``
+            or ``vbmf``.
+        sequential: fit each layer on the outputs of the already-compressed layers before it
+            (default: on when ``data`` is given, ``norm="sigma"`` and the ratio is >= 6, where it
+            was measured to win; see the README).
+
+    Returns:
+        :class:`CompressResult` with the compressed ``nn.Module`` (plain PyTorch), the
+        :class:`Report` and the replacement records.
+    """
+    t0 = time.time()
+    cfg = config or MethodConfig(norm=norm)
+    if cfg.norm != norm:
+        cfg = MethodConfig(norm=norm, max_iter=cfg.max_iter, tol=cfg.tol, seed=cfg.seed,
+                           damping=cfg.damping, options=cfg.options)
+    if device is not None:
+        model = model.to(device)
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    work, records = prepare(model)
+
+    # Calibration inputs kept in memory when sequential fitting may need them again.
+    batches = None
+    if data is not None:
+        from .calibration.run import _batches_from, first_layer_channels
+        from .data import ImageTransform
+
+        if transform is None and isinstance(data, (str, os.PathLike)):
+            transform = ImageTransform(channels=first_layer_channels(model))
+        it, _, _ = _batches_from(data, transform, num_images, seed, batch_size, lambda n: None)
+        batches = [x.cpu() for x in it]
+        if not batches:
+            raise InputError("no calibration inputs", hint="pass a non-empty image folder, DataLoader or tensor")
+    if input_shape is None:
+        if batches is None:
+            raise InputError("input_shape is needed when compressing from a store alone",
+                             hint="pass input_shape=(C, H, W) or --size")
+        input_shape = tuple(batches[0].shape[1:])
+    t_cal = time.time()
+    if store is not None:
+        st = store if isinstance(store, CovarianceStore) else CovarianceStore(store)
+        st.check_model(model)
+        moments = st
+    else:
+        if batches is None:
+            raise InputError("nothing to calibrate on", hint="pass data (images / DataLoader / tensor) or a store")
+        moments = calibrate(work, torch.cat(batches), batch_size=batch_size, show_progress=show_progress).moments
+    t_cal = time.time() - t_cal
+
+    plans, shapes, macs = plan(work, moments, input_shape=input_shape, method=method, norm=norm,
+                               ratio=ratio, budget=budget, rank=rank, ranks=ranks, error=error,
+                               strategy=strategy, layers=layers, include_first=include_first,
+                               include_last=include_last)
+    if sequential is None:
+        sequential = batches is not None and norm == "sigma" and (ratio or 0) >= 6
+    if sequential and batches is None:
+        raise InputError("sequential fitting needs the calibration images, not only a store",
+                         hint="pass data (images) too, or sequential=False")
+    reference = copy.deepcopy(work) if sequential else None
+    params_before = sum(q.numel() for q in work.parameters())  # BN folded, nothing replaced yet
+
+    report = Report(settings=dict(method=method, norm=norm, ratio=ratio, budget=budget, rank=rank,
+                                  error=error, strategy=strategy, sequential=bool(sequential),
+                                  layers=layers, input_shape=list(input_shape)))
+    t_solve = time.time()
+    for p in plans:
+        layer = get_module(work, p.name)
+        before = layer.weight.numel()
+        mac_b = macs.get(p.name, 0)
+        if p.method is None:
+            report.layers.append(LayerReport(p.name, type(layer).__name__, "dense", None, before, before,
+                                             mac_b, mac_b, None, None, 0.0, p.reason))
+            continue
+        ts = time.time()
+        lm = moments[p.name]
+        if sequential:
+            xs = _capture_inputs(reference, p.name, batches, dev)
+            xts = _capture_inputs(work, p.name, batches, dev)
+            c_tt, c_xt, mu_x, mu_t = _cross_moments(layer, xs, xts)
+            target = _regression_target(layer.weight.detach(), c_tt, c_xt)
+            sig, mean, mean_in = c_tt, mu_t, mu_x
+        else:
+            sig, mean, mean_in, target = lm.covariance(), lm.mean(), None, None
+        best = None
+        for m in p.candidates if method == "auto" else [p.method]:
+            r = p.ranks if m == p.method or method != "auto" else _ranks_for_format(m, shapes[p.name], p.ranks)
+            if r is None:
+                continue
+            out = solve(p.name, layer, m, r, cfg, sig.to(dev), mean.to(dev),
+                        target=target, mean_in=None if mean_in is None else mean_in.to(dev))
+            score = out["sigma_error"] if norm == "sigma" else out["weight_error"]
+            if best is None or score < best[0]:
+                best = (score, m, r, out)
+        _, m, r, out = best
+        records.append(replace_layer(work, p.name, m, out["factors"], out["bias"]))
+        new = get_module(work, p.name)
+        after = sum(q.numel() for n_, q in new.named_parameters() if not n_.endswith("bias"))
+        report.layers.append(LayerReport(
+            p.name, type(layer).__name__, m, list(r) if isinstance(r, tuple) else r, before, after, mac_b,
+            format_macs(m, shapes[p.name], r), out["sigma_error"], out["weight_error"], time.time() - ts))
+        log.info("%s: %s ranks %s, %d -> %d params, Sigma error %.4f", p.name, m, r, before, after,
+                 out["sigma_error"])
+    t_solve = time.time() - t_solve
+    report.params_before = params_before
+    report.params_after = sum(q.numel() for q in work.parameters())
+    report.macs_before = sum(macs.values())
+    report.macs_after = sum(macs_by_layer(work, (1, *input_shape)).values())
+    report.seconds = {"calibrate": t_cal, "solve": t_solve, "total": time.time() - t0}
+    work.ddtd_spec = getattr(model, "ddtd_spec", None)
+    return CompressResult(work, report, records)

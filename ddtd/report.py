@@ -1,0 +1,91 @@
+"""Text / JSON report of a compression, and a plot of accuracy against compression ratio."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .atomic import atomic_path
+from .compress import Report
+from .errors import InputError
+
+__all__ = ["format_report", "write_json", "plot_accuracy"]
+
+
+def _fmt_ranks(r) -> str:
+    if r is None:
+        return "-"
+    return "x".join(str(v) for v in r) if isinstance(r, (list, tuple)) else str(r)
+
+
+def _num(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else (f"{n / 1e3:.1f}k" if n >= 1e3 else str(n))
+
+
+def format_report(report: Report) -> str:
+    """Per-layer table (method, ranks, parameters and multiply-adds before / after, Sigma and
+    weight errors) and totals."""
+    rows = [("layer", "type", "method", "ranks", "params", "-> after", "MACs", "-> after",
+             "Sigma err", "weight err", "note")]
+    for r in report.layers:
+        rows.append((r.name, r.type, r.method, _fmt_ranks(r.ranks), _num(r.params_before), _num(r.params_after),
+                     _num(r.macs_before), _num(r.macs_after),
+                     "-" if r.sigma_error is None else f"{r.sigma_error:.4f}",
+                     "-" if r.weight_error is None else f"{r.weight_error:.4f}", r.note))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    s = report.settings
+    lines.append("")
+    lines.append(
+        f"total: {_num(report.params_before)} -> {_num(report.params_after)} parameters "
+        f"({report.ratio:.2f}x), {_num(report.macs_before)} -> {_num(report.macs_after)} multiply-adds "
+        f"({report.macs_ratio:.2f}x); method {s.get('method')}, norm {s.get('norm')}, "
+        f"strategy {s.get('strategy')}, sequential {s.get('sequential')}"
+    )
+    if report.seconds:
+        lines.append("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items()))
+    return "\n".join(lines)
+
+
+def write_json(obj: dict, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(obj, indent=2, default=str))
+
+
+def plot_accuracy(results: list[dict], path: str | os.PathLike) -> None:
+    """Accuracy against compression ratio, one line per (method, norm); ``results`` are the
+    JSON objects written by ``ddtd eval --json``."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise InputError("plotting needs matplotlib", hint="pip install 'ddtd[plot]'") from exc
+    series: dict[str, list] = {}
+    for r in results:
+        if r.get("accuracy") is None or r.get("ratio") is None:
+            continue
+        key = f"{r.get('method', '?')} / {r.get('norm', '?')}"
+        series.setdefault(key, []).append((r["ratio"], r["accuracy"]))
+    if not series:
+        raise InputError("no result has both a ratio and an accuracy",
+                         hint="give JSON files written by `ddtd eval --json` on labelled images")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=key)
+    base = [r["reference_accuracy"] for r in results if r.get("reference_accuracy") is not None]
+    if base:
+        ax.axhline(100 * base[0], color="gray", linestyle="--", label="original")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("compression ratio (parameters)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)

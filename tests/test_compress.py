@@ -1,0 +1,191 @@
+"""End-to-end compression: ratios met, files reload safely, bad inputs refused, Sigma beats Frobenius."""
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import write_images
+from ddtd.calibration import calibrate, save_calibration
+from ddtd.cli import main
+from ddtd.compress import compress, solve
+from ddtd.errors import DdtdError, InputError, StoreMismatchError
+from ddtd.methods import MethodConfig
+from ddtd.model_io import load_model, save_model
+
+
+def small_cnn(num_classes: int = 10, width: int = 32) -> nn.Module:
+    """A VGG-like net with BN, big enough for rank granularity to be fine."""
+    w = width
+    return nn.Sequential(
+        nn.Conv2d(3, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(),
+        nn.Conv2d(w, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(),
+        nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.BatchNorm2d(4 * w), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, 64), nn.ReLU(), nn.Linear(64, num_classes),
+    )
+
+
+def _randomise_bn(model):
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return _randomise_bn(small_cnn())
+
+
+@pytest.fixture(scope="module")
+def data():
+    torch.manual_seed(1)
+    # Correlated, non-negative images: anisotropic input statistics like real photos.
+    base = torch.randn(96, 3, 4, 4)
+    x = nn.functional.interpolate(base, size=16, mode="bilinear", align_corners=False)
+    return x + 0.1 * torch.randn_like(x)
+
+
+def _out_err(a, b, x):
+    with torch.no_grad():
+        ya, yb = a(x), b(x)
+    return float((ya - yb).norm() / ya.norm())
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "global"])
+@pytest.mark.parametrize("ratio", [2.0, 3.0])
+def test_requested_ratio_is_met_within_2_percent(net, data, strategy, ratio):
+    res = compress(net, data, ratio=ratio, method="svd", strategy=strategy, sequential=False, show_progress=False)
+    assert abs(res.report.ratio / ratio - 1) <= 0.02, res.report.ratio
+    assert res.report.params_after == sum(p.numel() for p in res.model.parameters())
+
+
+@pytest.mark.parametrize("method", ["svd", "tucker2", "cp3", "cp4", "auto"])
+def test_every_method_compresses_and_reports(net, data, method):
+    cfg = MethodConfig(max_iter=8)
+    res = compress(net, data, ratio=2.0, method=method, strategy="uniform", config=cfg, sequential=False,
+                   show_progress=False)
+    rows = [r for r in res.report.layers if r.method != "dense"]
+    assert rows and all(r.params_after < r.params_before for r in rows)
+    assert all(0 <= r.sigma_error < 1 for r in rows)
+    assert _out_err(net, res.model, data) < 0.5
+    assert all(isinstance(m, (nn.Conv2d, nn.Linear, nn.Sequential, nn.ReLU, nn.MaxPool2d, nn.Identity,
+                              nn.AdaptiveAvgPool2d, nn.Flatten)) for m in res.model.modules())
+
+
+def test_sigma_beats_frobenius_on_output_error(net, data):
+    kw = dict(ratio=3.0, method="svd", strategy="uniform", sequential=False, show_progress=False)
+    sig = compress(net, data[:64], norm="sigma", **kw)
+    fro = compress(net, data[:64], norm="frobenius", **kw)
+    held_out = data[64:]
+    assert _out_err(net, sig.model, held_out) < 0.5 * _out_err(net, fro.model, held_out)
+
+
+def test_bias_correction_makes_sigma_error_the_output_error():
+    """One layer: the reported centred Sigma error equals the measured mean output error."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 24, 3, padding=1).double()
+    x = torch.relu(torch.randn(8, 16, 9, 9, dtype=torch.float64) + 0.5)
+    lm = calibrate(nn.Sequential(conv), x, show_progress=False).moments["0"]
+    out = solve("0", conv, "svd", 6, MethodConfig(), lm.covariance(), lm.mean())
+    approx = nn.Conv2d(16, 24, 3, padding=1).double()
+    from ddtd.layers import factorized_weight
+
+    approx.weight.data = factorized_weight(conv, "svd", *out["factors"]).double()
+    approx.bias.data = out["bias"].double()
+    with torch.no_grad():
+        y, y2 = conv(x), approx(x)
+    err = (y - y2).pow(2).sum(1).mean()
+    yc = y - y.mean(dim=(0, 2, 3), keepdim=True)
+    energy = yc.pow(2).sum(1).mean()
+    torch.testing.assert_close(err / energy, torch.tensor(out["sigma_error"], dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+def test_sequential_fit_is_optimal_for_the_compressed_inputs():
+    """Layer 2 fitted on the inputs that compressed layer 1 produces has a lower error against
+    the original layer-2 outputs than layer 2 fitted on the original inputs (same ranks)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 24, 3, padding=1), nn.ReLU(), nn.Conv2d(24, 24, 3, padding=1)).eval()
+    x = torch.nn.functional.interpolate(torch.randn(32, 8, 5, 5), size=12, mode="bilinear") + 0.2
+    kw = dict(rank=4, method="svd", include_first=True, show_progress=False)
+    plain = compress(model, x, sequential=False, **kw)
+    seq = compress(model, x, sequential=True, **kw)
+    with torch.no_grad():
+        target = model(x)
+        first = torch.equal(plain.model[0](x), seq.model[0](x))  # layer 1 is fitted identically
+        e_plain = (plain.model(x) - target).pow(2).mean()
+        e_seq = (seq.model(x) - target).pow(2).mean()
+    assert first
+    assert e_seq < e_plain, (float(e_seq), float(e_plain))  # optimal for its objective
+
+
+def test_saved_file_reloads_with_weights_only_and_same_outputs(tmp_path):
+    torch.manual_seed(0)
+    model = load_model("ddtd.zoo:vgg_fmnist")
+    _randomise_bn(model)
+    src = tmp_path / "vgg.ddtd"
+    save_model(model, src)
+    before = src.read_bytes()
+    imgs = tmp_path / "imgs"
+    write_images(imgs, 24, size=(32, 32))
+    out = tmp_path / "c.ddtd"
+    assert main(["compress", "--model", str(src), "--images", str(imgs), "--size", "32", "--ratio", "3",
+                 "--method", "auto", "--max-iter", "5", "-o", str(out), "--export", "torchscript"]) == 0
+    assert src.read_bytes() == before  # the original is never touched
+    reloaded = load_model(out)  # torch.load(weights_only=True) + replayed replacements
+    x = torch.randn(4, 3, 32, 32)
+    scripted = torch.jit.load(str(out.with_suffix(".ts")))
+    with torch.no_grad():
+        y = reloaded(x)
+        torch.testing.assert_close(scripted(x), y, rtol=1e-5, atol=1e-5)
+    obj = torch.load(out, weights_only=True)
+    assert obj["report"]["ratio"] == pytest.approx(3, rel=0.02)
+    # the report command reads it back
+    assert main(["report", str(out)]) == 0
+
+
+def test_bad_inputs_are_refused_and_write_nothing(tmp_path, net, data, capsys):
+    with pytest.raises(InputError, match="must be > 1"):
+        compress(net, data, ratio=1.0, show_progress=False)
+    with pytest.raises(InputError, match="larger than the layer allows"):
+        compress(net, data, rank=10_000, method="svd", show_progress=False)
+    with pytest.raises(InputError, match="one of ratio, rank"):
+        compress(net, data, ratio=2, rank=3, show_progress=False)
+    # a store missing a layer
+    model = load_model("ddtd.zoo:vgg_fmnist")
+    src = tmp_path / "vgg.ddtd"
+    save_model(model, src)
+    imgs = tmp_path / "imgs"
+    write_images(imgs, 8, size=(32, 32))
+    store = tmp_path / "part.h5"
+    assert main(["calibrate", "--model", str(src), "--images", str(imgs), "--size", "32",
+                 "--layers", "0.0,0.3", "-o", str(store)]) == 0
+    out = tmp_path / "c.ddtd"
+    assert main(["compress", "--model", str(src), "--calib", str(store), "--size", "32", "--ratio", "2",
+                 "-o", str(out)]) == 2
+    assert "no entry in the covariance store" in capsys.readouterr().err and not out.exists()
+    # a store of another model
+    other = tmp_path / "other.h5"
+    res = calibrate(small_cnn(), torch.randn(4, 3, 16, 16), show_progress=False)
+    save_calibration(res, other)
+    assert main(["compress", "--model", str(src), "--calib", str(other), "--size", "32", "--ratio", "2",
+                 "-o", str(out)]) == 2
+    assert "made for another model" in capsys.readouterr().err and not out.exists()
+    # a ratio the selected layers cannot reach
+    assert main(["compress", "--model", str(src), "--images", str(imgs), "--size", "32", "--ratio", "50",
+                 "--layers", "0.3", "-o", str(out)]) == 2
+    assert "out of reach" in capsys.readouterr().err and not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_store_mismatch_raises_typed_error(tmp_path, net):
+    res = calibrate(small_cnn(width=8), torch.randn(2, 3, 16, 16), show_progress=False)
+    save_calibration(res, tmp_path / "s.h5")
+    with pytest.raises(StoreMismatchError):
+        compress(net, store=tmp_path / "s.h5", ratio=2, input_shape=(3, 16, 16), show_progress=False)
+    assert issubclass(StoreMismatchError, DdtdError)
