@@ -33,6 +33,7 @@ SPECS = {
     "resnet18": {"source": "torchvision", "name": "resnet18", "kwargs": {"num_classes": 10}},
     "vgg": {"source": "factory", "name": "ddtd.zoo:vgg_fmnist", "kwargs": {"num_classes": 10}},
 }
+EPOCHS = {"resnet18": 12, "vgg": 8}
 TRANSFORM = ImageTransform(size=32, channels=3)
 CACHE = Path(os.environ.get("DDTD_CACHE", Path.home() / ".cache" / "ddtd")) / "reference"
 
@@ -122,25 +123,29 @@ def train(name: str, epochs: int, batch_size: int, lr: float, seed: int) -> dict
     return metrics
 
 
-def ensure(name: str, epochs: int = 8, batch_size: int = 128, lr: float = 0.1, seed: int = 0) -> dict:
+def ensure(name: str, epochs: int | None = None, batch_size: int = 128, lr: float = 0.1, seed: int = 0) -> dict:
     """Train ``name`` unless its cached files exist; return its metrics and file paths."""
     p = paths(name)
     if all(v.exists() for v in p.values()):
         metrics = json.loads(p["metrics"].read_text())
         print(f"{name}: cached at {p['model']} (test accuracy {metrics['test_accuracy']:.4f})")
     else:
-        metrics = train(name, epochs, batch_size, lr, seed)
+        metrics = train(name, epochs or EPOCHS[name], batch_size, lr, seed)
     return {**metrics, **{k: str(v) for k, v in p.items()}}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(SPECS) + ["all"], default="all")
-    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=None, help="default: 12 (resnet18), 8 (vgg)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: all cores; use 1 when the machine is shared)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     names = sorted(SPECS) if args.model == "all" else [args.model]
     for name in names:
         info = ensure(name, args.epochs, args.batch_size, args.lr, args.seed)

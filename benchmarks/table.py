@@ -1,0 +1,190 @@
+"""The results table: methods x norms x ratios on the reference models, no fine-tuning.
+
+    python benchmarks/table.py                       # everything (long: run in the background)
+    python benchmarks/table.py --models resnet18 --methods svd tucker2 --ratios 2 4
+    python benchmarks/table.py --render              # only rebuild the Markdown table and plot
+
+For every (model, method, norm, ratio): top-1 accuracy on the full Fashion-MNIST test set (10k
+images), parameters, multiply-adds, CPU latency (batch 1 and 32, median, measured in alternating
+rounds against the dense model with BatchNorm folded, so the speedup is the factorisation's own)
+and compression time (calibration on the 512-image subset included). Rows are appended to
+benchmarks/results/table.jsonl as they finish (a re-run skips rows already there), then rendered
+to benchmarks/results/table.md and benchmarks/results/table.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+sys.path.insert(0, str(ROOT / "examples"))
+
+
+def test_set():
+    from ddtd.data import preprocess
+    from ddtd.datasets import load_fashion_mnist
+    from train_reference import TRANSFORM
+
+    x, y = load_fashion_mnist("test")
+    return torch.cat([preprocess(x[i : i + 2000], TRANSFORM) for i in range(0, len(x), 2000)]), y
+
+
+@torch.no_grad()
+def accuracy(model, x, y, batch=500) -> float:
+    model.eval()
+    correct = sum(int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(x), batch))
+    return correct / len(x)
+
+
+def run(args) -> None:
+    from ddtd.compress import compress, prepare
+    from ddtd.evaluate import paired_latency
+    from ddtd.methods import MethodConfig
+    from ddtd.model_io import load_model
+    from train_reference import TRANSFORM, ensure
+
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "table.jsonl"
+    done = set()
+    if out.exists():
+        for line in out.read_text().splitlines():
+            r = json.loads(line)
+            done.add((r["model"], r["method"], r["norm"], r["ratio_target"], r.get("sequential")))
+    calib = ROOT / "calib" / "fmnist-512"
+    if not calib.exists():
+        sys.path.insert(0, str(ROOT / "calib"))
+        from make_subset import build
+
+        build("fashion-mnist", calib, 512, 0, "train")
+    xt, yt = test_set()
+    for name in args.models:
+        info = ensure(name)
+        model = load_model(info["model"])
+        folded, _ = prepare(model)
+        base_acc = accuracy(model, xt, yt)
+        shape = (3, 32, 32)
+        for method in args.methods:
+            for norm in args.norms:
+                for ratio in args.ratios:
+                    for seq in args.sequential:
+                        key = (name, method, norm, ratio, seq)
+                        if key in done:
+                            continue
+                        cfg = MethodConfig(norm=norm, max_iter=args.max_iter)
+                        t = time.time()
+                        try:
+                            res = compress(model, str(calib), ratio=ratio, method=method, norm=norm,
+                                           config=cfg, transform=TRANSFORM, sequential=seq, batch_size=128,
+                                           show_progress=False)
+                        except Exception as exc:  # record failures instead of losing the run
+                            row = {"model": name, "method": method, "norm": norm, "ratio_target": ratio,
+                                   "sequential": seq, "error": f"{type(exc).__name__}: {exc}"}
+                            print(json.dumps(row), flush=True)
+                            with open(out, "a") as f:
+                                f.write(json.dumps(row) + "\n")
+                            continue
+                        seconds = time.time() - t
+                        acc = accuracy(res.model, xt, yt)
+                        lat = paired_latency({"dense": folded, "compressed": res.model}, shape,
+                                             rounds=args.latency_rounds)
+                        row = {
+                            "model": name, "method": method, "norm": norm, "ratio_target": ratio,
+                            "sequential": res.report.settings["sequential"], "base_accuracy": base_acc,
+                            "accuracy": acc, "ratio": res.report.ratio, "macs_ratio": res.report.macs_ratio,
+                            "params": res.report.params_after, "params_before": res.report.params_before,
+                            "macs": res.report.macs_after, "macs_before": res.report.macs_before,
+                            "latency_ms": lat["compressed"], "dense_latency_ms": lat["dense"],
+                            "seconds": seconds, "threads": torch.get_num_threads(),
+                        }
+                        print(json.dumps(row), flush=True)
+                        with open(out, "a") as f:
+                            f.write(json.dumps(row) + "\n")
+
+
+def render() -> None:
+    rows = [json.loads(line) for line in (RESULTS / "table.jsonl").read_text().splitlines()]
+    lines = []
+    for name in sorted({r["model"] for r in rows}):
+        rs = [r for r in rows if r["model"] == name and "accuracy" in r]
+        if not rs:
+            continue
+        base = rs[0]["base_accuracy"]
+        lines += [f"**{name}** (Fashion-MNIST test accuracy {100 * base:.2f}%, "
+                  f"{rs[0]['params_before'] / 1e6:.2f}M parameters, {rs[0]['macs_before'] / 1e6:.1f}M multiply-adds, BN folded)", "",
+                  "| method | norm | seq | target | params ratio | MACs ratio | top-1 | drop | latency b1 / b32 ms (dense) | speedup b1 / b32 | time s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(rs, key=lambda r: (r["method"], r["norm"], r["ratio_target"], r["sequential"])):
+            lat, dl = r["latency_ms"], r["dense_latency_ms"]
+            lines.append(
+                f"| {r['method']} | {r['norm']} | {'yes' if r['sequential'] else 'no'} | {r['ratio_target']:g}x | "
+                f"{r['ratio']:.2f}x | {r['macs_ratio']:.2f}x | {100 * r['accuracy']:.2f}% | "
+                f"{100 * (base - r['accuracy']):+.2f} | {lat['batch1']:.2f} / {lat['batch32']:.1f} "
+                f"({dl['batch1']:.2f} / {dl['batch32']:.1f}) | {dl['batch1'] / lat['batch1']:.2f}x / "
+                f"{dl['batch32'] / lat['batch32']:.2f}x | {r['seconds']:.0f} |")
+        failed = [r for r in rows if r["model"] == name and "error" in r]
+        for r in failed:
+            lines.append(f"| {r['method']} | {r['norm']} | - | {r['ratio_target']:g}x | failed: {r['error'][:80]} |")
+        lines.append("")
+    (RESULTS / "table.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no plot)")
+        return
+    models = sorted({r["model"] for r in rows if "accuracy" in r})
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, name in zip(axes[0], models):
+        rs = [r for r in rows if r["model"] == name and "accuracy" in r]
+        for key in sorted({(r["method"], r["norm"], r["sequential"]) for r in rs}):
+            pts = sorted((r["ratio"], 100 * r["accuracy"]) for r in rs if (r["method"], r["norm"], r["sequential"]) == key)
+            style = "-" if key[1] == "sigma" else "--"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o",
+                    label=f"{key[0]} {key[1]}" + (" seq" if key[2] else ""))
+        ax.axhline(100 * rs[0]["base_accuracy"], color="gray", linestyle=":", label="original")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("compression ratio (parameters)")
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.set_title(f"{name}, Fashion-MNIST, no fine-tuning")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "table.png", dpi=110)
+    print(f"wrote {RESULTS / 'table.png'}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["resnet18", "vgg"])
+    ap.add_argument("--methods", nargs="+", default=["svd", "tucker2", "cp3", "cp4", "auto"])
+    ap.add_argument("--norms", nargs="+", default=["frobenius", "sigma"])
+    ap.add_argument("--ratios", nargs="+", type=float, default=[2, 4, 8, 16])
+    ap.add_argument("--sequential", nargs="+", default=["auto"], choices=["auto", "on", "off"])
+    ap.add_argument("--max-iter", type=int, default=25)
+    ap.add_argument("--latency-rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--render", action="store_true", help="only render the table and plot")
+    args = ap.parse_args(argv)
+    args.sequential = [None if s == "auto" else s == "on" for s in args.sequential]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.render:
+        run(args)
+    render()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

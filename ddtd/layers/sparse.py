@@ -1,0 +1,338 @@
+"""``LowRankSparse``: a layer computing ``y = L x + S x + b`` for a low-rank ``L`` and a sparse ``S``.
+
+``L`` runs as ddtd's factor chain (``build_svd`` / ``build_tucker2``, no bias), ``S`` is stored
+compactly: ``values (nnz,)`` (a parameter) and ``index (nnz,)`` (an ``int32`` buffer with the
+flat position ``t * D + d`` in the ``T x D`` weight matrix, ``D = S*kh*kw`` in unfold order).
+So the state dict holds exactly the factors, ``nnz`` values, ``nnz`` int32 indices and the bias.
+
+Forward (``forward_mode``), all exact w.r.t. the dense ``W~ = L + S``:
+
+* ``'merged'`` (default): build ``W~ = L + scatter(index, values)`` (``T*r*D`` multiply-adds for
+  svd; cached outside autograd until a tensor of the module changes) and run one conv / linear
+  with the original geometry, so the latency is the dense layer's.  Measured on the 2-core CPU
+  (``benchmarks/lrs.py``): fastest at every size tried; the chain plus a densified sparse conv
+  runs two or three convolutions, and ``torch.sparse.mm`` at the densities a compression
+  budget leaves (5-25%) is slower than the dense matmul it replaces.  The point of the format
+  is storage (bytes), not speed.
+* ``'chain'``: ``chain(x)`` + a conv / linear with the densified sparse weight.
+* ``'sparse'``: ``chain(x)`` + ``torch.sparse.mm`` (Linear and 1x1 convs with stride 1 and no
+  padding; other convs fall back to ``'chain'``).
+
+Rebuild: :meth:`LowRankSparse.describe` returns plain data; :meth:`LowRankSparse.from_description`
+builds the same module with placeholder tensors, so ``load_state_dict`` of a state dict loaded
+with ``torch.load(..., weights_only=True)`` restores it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddtd.errors import InputError
+
+from .builders import build_svd, build_tucker2
+
+__all__ = ["LowRankSparse", "FORWARD_MODES", "layer_from_spec"]
+
+FORWARD_MODES = ("merged", "chain", "sparse")
+
+
+def _where(name):
+    return f"layer '{name}'" if name else "layer"
+
+
+def _pair(v):
+    return [int(v), int(v)] if isinstance(v, int) else [int(x) for x in v]
+
+
+def _spec_of(layer: nn.Module, name=None) -> dict:
+    if isinstance(layer, nn.Conv2d):
+        if layer.groups != 1:
+            raise InputError(f"{_where(name)}: LowRankSparse supports groups=1 convs only "
+                             f"(groups={layer.groups})",
+                             hint="leave grouped / depthwise convs dense or prune them")
+        pad = layer.padding if isinstance(layer.padding, str) else _pair(layer.padding)
+        return {"type": "Conv2d", "in_channels": int(layer.in_channels),
+                "out_channels": int(layer.out_channels), "kernel_size": _pair(layer.kernel_size),
+                "stride": _pair(layer.stride), "padding": pad, "dilation": _pair(layer.dilation),
+                "groups": 1, "padding_mode": str(layer.padding_mode),
+                "bias": layer.bias is not None}
+    if isinstance(layer, nn.Linear):
+        return {"type": "Linear", "in_features": int(layer.in_features),
+                "out_features": int(layer.out_features), "bias": layer.bias is not None}
+    raise InputError(f"{_where(name)}: cannot build LowRankSparse for {type(layer).__name__}",
+                     hint="only nn.Conv2d (groups=1) and nn.Linear layers")
+
+
+def layer_from_spec(spec: dict, *, bias: bool | None = None, dtype=None, device=None) -> nn.Module:
+    """A zero-initialised ``nn.Conv2d`` / ``nn.Linear`` with the geometry of ``spec``."""
+    b = spec["bias"] if bias is None else bias
+    if spec["type"] == "Linear":
+        m = nn.Linear(spec["in_features"], spec["out_features"], bias=b, dtype=dtype, device=device)
+    elif spec["type"] == "Conv2d":
+        pad = spec["padding"] if isinstance(spec["padding"], str) else tuple(spec["padding"])
+        m = nn.Conv2d(spec["in_channels"], spec["out_channels"], tuple(spec["kernel_size"]),
+                      stride=tuple(spec["stride"]), padding=pad, dilation=tuple(spec["dilation"]),
+                      groups=spec["groups"], bias=b, padding_mode=spec["padding_mode"],
+                      dtype=dtype, device=device)
+    else:
+        raise InputError(f"unknown layer type {spec.get('type')!r} in description",
+                         hint="the description must come from LowRankSparse.describe()")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.zero_()
+    return m
+
+
+class LowRankSparse(nn.Module):
+    """``y = L x + S x + b`` with the original layer's geometry.
+
+    Args:
+        layer: the original ``nn.Conv2d`` (groups = 1, any stride / padding / dilation /
+            padding_mode) or ``nn.Linear``; gives geometry, dtype, device.
+        lowrank: ``'svd'`` (factors ``A (T, r)``, ``B (r, D)``), ``'tucker2'`` (``U (T, R1)``,
+            ``core (R1, R2, kh, kw)``, ``V (S, R2)``) or ``'none'`` (pure sparse, ``()``).
+        factors: the low-rank factors.
+        indices: ``(nnz, 2)`` int64 ``(t, d)`` or ``(nnz,)`` flat ``t * D + d``.
+        values: ``(nnz,)`` additive sparse values (:meth:`LRSResult.sparse_delta`).
+        bias: ``(T,)`` or ``None`` (keeps the layer's bias).
+        forward_mode: ``'merged'``, ``'chain'`` or ``'sparse'`` (module docstring).
+        name: layer name for error messages.
+    """
+
+    def __init__(self, layer: nn.Module, lowrank: str, factors, indices: torch.Tensor,
+                 values: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 forward_mode: str = "merged", name: str | None = None):
+        super().__init__()
+        spec = _spec_of(layer, name)
+        if forward_mode not in FORWARD_MODES:
+            raise InputError(f"{_where(name)}: unknown forward_mode {forward_mode!r}",
+                             hint=f"use one of {FORWARD_MODES}")
+        if lowrank not in ("svd", "tucker2", "none"):
+            raise InputError(f"{_where(name)}: unknown lowrank format {lowrank!r}",
+                             hint="use 'svd', 'tucker2' or 'none'")
+        self.spec = spec
+        self.kind = lowrank
+        self.forward_mode = forward_mode
+        self.name = name
+        w = layer.weight
+        dt, dev = w.dtype, w.device
+        self.T = int(w.shape[0])
+        self.D = int(math.prod(w.shape[1:]))
+        self.wshape = tuple(w.shape)
+        # the chain without bias: a bias-free placeholder of the same geometry
+        plain = layer_from_spec(spec, bias=False, dtype=dt, device=dev)
+        if lowrank == "svd":
+            self.lowrank = build_svd(plain, *factors, name=name)
+        elif lowrank == "tucker2":
+            if spec["type"] != "Conv2d":
+                raise InputError(f"{_where(name)}: tucker2 needs a Conv2d",
+                                 hint="use lowrank 'svd' for Linear layers")
+            self.lowrank = build_tucker2(plain, *factors, name=name)
+        else:
+            self.lowrank = None
+        idx = torch.as_tensor(indices)
+        if idx.dim() == 2:
+            if idx.shape[1] != 2:
+                raise InputError(f"{_where(name)}: indices have shape {tuple(idx.shape)}",
+                                 hint="pass (nnz, 2) (row, col) or flat (nnz,) indices")
+            idx = idx[:, 0].to(torch.int64) * self.D + idx[:, 1].to(torch.int64)
+        vals = torch.as_tensor(values)
+        if idx.dim() != 1 or vals.shape != idx.shape:
+            raise InputError(f"{_where(name)}: {tuple(idx.shape)} indices for "
+                             f"{tuple(vals.shape)} values", hint="one index per value")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.T * self.D):
+            raise InputError(f"{_where(name)}: sparse index outside the {self.T} x {self.D} weight",
+                             hint="the sparse part belongs to a different layer")
+        if self.T * self.D >= 2 ** 31:
+            raise InputError(f"{_where(name)}: T*D too large for int32 indices",
+                             hint="leave this layer dense")
+        if not torch.isfinite(vals).all():
+            raise InputError(f"{_where(name)}: sparse values contain NaN or Inf",
+                             hint="re-run the solver for this layer")
+        self.register_buffer("index", idx.to(device=dev, dtype=torch.int32))
+        self.values = nn.Parameter(vals.detach().to(device=dev, dtype=dt).clone())
+        if bias is None and layer.bias is not None:
+            bias = layer.bias.detach()
+        if bias is not None:
+            if tuple(bias.shape) != (self.T,):
+                raise InputError(f"{_where(name)}: bias has shape {tuple(bias.shape)}, expected "
+                                 f"({self.T},)", hint="one bias value per output channel")
+            self.bias = nn.Parameter(bias.detach().to(device=dev, dtype=dt).clone())
+        else:
+            self.bias = None
+        self.spec = dict(spec, bias=self.bias is not None)
+
+    # ---------------------------------------------------------------- construction helpers
+    @classmethod
+    def from_result(cls, layer: nn.Module, result, bias: torch.Tensor | None = None, *,
+                    forward_mode: str = "merged", name: str | None = None) -> "LowRankSparse":
+        """Build from an :class:`ddtd.solvers.lrs.LRSResult` fitted to ``layer.weight``."""
+        if tuple(result.shape) != tuple(layer.weight.shape) and \
+                (result.T, result.D) != (layer.weight.shape[0], int(math.prod(layer.weight.shape[1:]))):
+            raise InputError(f"{_where(name)}: result of shape {result.shape} does not fit the "
+                             f"weight {tuple(layer.weight.shape)}", hint="fit this layer's weight")
+        fac = result.factors
+        if result.lowrank == "svd":
+            fac = (fac[0], fac[1])
+        return cls(layer, result.lowrank, fac, result.indices, result.sparse_delta(), bias,
+                   forward_mode=forward_mode, name=name)
+
+    def describe(self) -> dict:
+        """Plain-data description (str / int / bool / list only)."""
+        if self.kind == "svd":
+            rank = [int(self.lowrank[0].weight.shape[0])]
+        elif self.kind == "tucker2":
+            rank = [int(self.lowrank[1].weight.shape[0]), int(self.lowrank[1].weight.shape[1])]
+        else:
+            rank = [0]
+        return {"kind": "lrs", "layer": dict(self.spec), "lowrank": self.kind, "rank": rank,
+                "nnz": int(self.values.numel()), "bias": self.bias is not None,
+                "forward_mode": self.forward_mode, "index_dtype": "int32"}
+
+    @classmethod
+    def from_description(cls, desc: dict, *, dtype: torch.dtype = torch.float32, device=None,
+                         name: str | None = None) -> "LowRankSparse":
+        """Rebuild the module structure from :meth:`describe` with zero placeholders; then
+        ``load_state_dict`` restores it."""
+        need = ("kind", "layer", "lowrank", "rank", "nnz", "bias")
+        if not isinstance(desc, dict) or desc.get("kind") != "lrs" or any(k not in desc for k in need):
+            raise InputError(f"{_where(name)}: not a LowRankSparse description: {desc!r}",
+                             hint="pass the dict returned by LowRankSparse.describe()")
+        spec = desc["layer"]
+        layer = layer_from_spec(spec, bias=bool(desc["bias"]), dtype=dtype, device=device)
+        T = layer.weight.shape[0]
+        D = int(math.prod(layer.weight.shape[1:]))
+        z = lambda *s: torch.zeros(*s, dtype=dtype, device=device)  # noqa: E731
+        if desc["lowrank"] == "svd":
+            r = int(desc["rank"][0])
+            factors = (z(T, r), z(r, D))
+        elif desc["lowrank"] == "tucker2":
+            R1, R2 = (int(x) for x in desc["rank"])
+            _, S, kh, kw = layer.weight.shape
+            factors = (z(T, R1), z(R1, R2, kh, kw), z(S, R2))
+        else:
+            factors = ()
+        nnz = int(desc["nnz"])
+        return cls(layer, desc["lowrank"], factors, torch.zeros(nnz, dtype=torch.int64),
+                   z(nnz), None, forward_mode=desc.get("forward_mode", "merged"), name=name)
+
+    # ---------------------------------------------------------------- dense weights
+    def lowrank_weight(self) -> torch.Tensor:
+        """``L`` as ``(T, D)``."""
+        ch = self.lowrank
+        if self.kind == "svd":
+            A = ch[1].weight.reshape(self.T, -1)
+            B = ch[0].weight.reshape(A.shape[1], self.D)
+            return A @ B
+        if self.kind == "tucker2":
+            V = ch[0].weight.reshape(ch[0].weight.shape[0], -1)          # (R2, S)
+            G = ch[1].weight                                               # (R1, R2, kh, kw)
+            U = ch[2].weight.reshape(self.T, -1)                           # (T, R1)
+            return torch.einsum("ta,abij,bs->tsij", U, G, V).reshape(self.T, self.D)
+        return torch.zeros(self.T, self.D, dtype=self.values.dtype, device=self.values.device)
+
+    def sparse_weight(self) -> torch.Tensor:
+        """``S`` as a dense ``(T, D)`` matrix."""
+        S = torch.zeros(self.T * self.D, dtype=self.values.dtype, device=self.values.device)
+        S = S.index_put((self.index.long(),), self.values, accumulate=True)
+        return S.reshape(self.T, self.D)
+
+    def weight(self) -> torch.Tensor:
+        """``W~ = L + S`` shaped like the original weight."""
+        return (self.lowrank_weight() + self.sparse_weight()).reshape(self.wshape)
+
+    # ---------------------------------------------------------------- forward
+    def _pad_geometry(self):
+        s = self.spec
+        kh, kw = s["kernel_size"]
+        dh, dw = s["dilation"]
+        if s["padding"] == "valid":
+            return (0, 0, 0, 0)
+        if s["padding"] == "same":
+            th, tw = dh * (kh - 1), dw * (kw - 1)
+            return (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+        ph, pw = s["padding"]
+        return (pw, pw, ph, ph)
+
+    def _conv(self, x, w, b):
+        s = self.spec
+        if s["padding_mode"] != "zeros":
+            x = F.pad(x, self._pad_geometry(), mode=s["padding_mode"])
+            return F.conv2d(x, w, b, tuple(s["stride"]), 0, tuple(s["dilation"]))
+        pad = s["padding"] if isinstance(s["padding"], str) else tuple(s["padding"])
+        return F.conv2d(x, w, b, tuple(s["stride"]), pad, tuple(s["dilation"]))
+
+    def _dense(self, x, w, b):
+        if self.spec["type"] == "Linear":
+            return F.linear(x, w, b)
+        return self._conv(x, w, b)
+
+    def _merged_weight(self) -> torch.Tensor:
+        """``W~``; cached while no tensor of the module changes (keyed on storage pointers and
+        version counters, so ``load_state_dict``, ``.to()`` or in-place edits invalidate it) and
+        only outside autograd (with grad enabled it is rebuilt so gradients reach the factors)."""
+        tensors = list(self.parameters()) + [self.index]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in tensors):
+            return self.weight()
+        key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
+        cache = self.__dict__.get("_cache")
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                cache = (key, self.weight())
+            self.__dict__["_cache"] = cache
+        return cache[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.forward_mode == "merged" or (self.lowrank is None and self.forward_mode == "chain"):
+            return self._dense(x, self._merged_weight(), self.bias)
+        y = self.lowrank(x) if self.lowrank is not None else None
+        if self.forward_mode == "sparse" and self._sparse_ok():
+            z = self._sparse_apply(x)
+        else:
+            z = self._dense(x, self.sparse_weight().reshape(self.wshape), None)
+        y = z if y is None else y + z
+        if self.bias is not None:
+            y = y + (self.bias if self.spec["type"] == "Linear" else self.bias[:, None, None])
+        return y
+
+    def _sparse_ok(self) -> bool:
+        s = self.spec
+        if s["type"] == "Linear":
+            return True
+        return (s["kernel_size"] == [1, 1] and s["stride"] == [1, 1]
+                and s["padding"] in ([0, 0], "valid", "same"))
+
+    def _sparse_apply(self, x):
+        idx = self.index.long()
+        rows, cols = idx // self.D, idx % self.D
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            Sm = torch.sparse_coo_tensor(torch.stack([rows, cols]), self.values, (self.T, self.D),
+                                         check_invariants=False).coalesce().to_sparse_csr()
+        if self.spec["type"] == "Linear":
+            X = x.reshape(-1, self.D)
+            return torch.sparse.mm(Sm, X.T).T.reshape(*x.shape[:-1], self.T)
+        n, c, h, w = x.shape
+        X = x.permute(1, 0, 2, 3).reshape(c, -1)
+        return torch.sparse.mm(Sm, X).reshape(self.T, n, h, w).permute(1, 0, 2, 3)
+
+    # ---------------------------------------------------------------- counting
+    def count_params(self) -> int:
+        """Stored floating-point elements: factors + nonzero values + bias."""
+        return sum(p.numel() for p in self.parameters())
+
+    def index_bytes(self) -> int:
+        return self.index.numel() * self.index.element_size()
+
+    def nbytes(self) -> int:
+        """Bytes of the state dict's tensors: every parameter plus the int32 index buffer."""
+        return sum(p.numel() * p.element_size() for p in self.parameters()) + self.index_bytes()
+
+    def extra_repr(self) -> str:
+        return (f"{self.spec['type']} T={self.T} D={self.D} lowrank={self.kind} "
+                f"nnz={self.values.numel()} forward={self.forward_mode}")
