@@ -46,7 +46,7 @@ def accuracy(model, x, y, batch=500) -> float:
 
 
 def run(args) -> None:
-    from ddtd.compress import compress, prepare
+    from ddtd.pipeline import compress, prepare
     from ddtd.evaluate import paired_latency
     from ddtd.methods import MethodConfig
     from ddtd.model_io import load_model

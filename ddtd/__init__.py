@@ -14,6 +14,11 @@ __all__ = [
     "NumericalError",
     "StoreMismatchError",
     "calibrate",
+    "compress",
+    "plan",
+    "solve",
+    "assemble",
+    "load",
     "load_model",
     "save_model",
     "CovarianceStore",
@@ -25,8 +30,12 @@ def __getattr__(name):  # lazy public API
         from . import calibration
 
         return getattr(calibration, name)
-    if name in {"load_model", "save_model"}:
+    if name in {"load_model", "save_model", "load"}:
         from . import model_io
 
-        return getattr(model_io, name)
+        return getattr(model_io, "load_model" if name == "load" else name)
+    if name in {"compress", "plan", "solve", "assemble"}:
+        from . import pipeline
+
+        return getattr(pipeline, name)
     raise AttributeError(f"module 'ddtd' has no attribute {name!r}")

@@ -128,7 +128,7 @@ def _rank_arg(text: str | None):
 def cmd_compress(args) -> int:
     import json as _json
 
-    from .compress import compress
+    from .pipeline import compress
     from .methods import MethodConfig
     from .model_io import load_model, save_model
     from .report import format_report, write_json
@@ -244,7 +244,7 @@ def cmd_eval(args) -> int:
 def cmd_report(args) -> int:
     import json as _json
 
-    from .compress import Report
+    from .pipeline import Report
     from .model_io import read_model_file_meta
     from .report import format_report, plot_accuracy, write_json
 

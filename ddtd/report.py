@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from .atomic import atomic_path
-from .compress import Report
+from .pipeline import Report
 from .errors import InputError
 
 __all__ = ["format_report", "write_json", "plot_accuracy"]

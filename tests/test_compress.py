@@ -7,7 +7,7 @@ from torch import nn
 from conftest import write_images
 from ddtd.calibration import calibrate, save_calibration
 from ddtd.cli import main
-from ddtd.compress import compress, solve
+from ddtd.pipeline import compress, solve
 from ddtd.errors import DdtdError, InputError, StoreMismatchError
 from ddtd.methods import MethodConfig
 from ddtd.model_io import load_model, save_model

@@ -40,7 +40,8 @@ from .methods import METHODS, MethodConfig, applicable, get_method, layer_dims
 from .ranks import (ErrorBudget, LayerShape, Ratio, allocate, evbmf_rank, format_macs,
                     format_params, resolve_rank, whitened_spectrum)
 
-__all__ = ["LayerPlan", "LayerReport", "Report", "prepare", "plan", "solve", "compress"]
+__all__ = ["LayerPlan", "LayerReport", "Report", "CompressResult", "prepare", "plan", "solve", "assemble",
+           "compress"]
 
 log = logging.getLogger("ddtd")
 
@@ -318,6 +319,16 @@ def solve(
             "weight_error": weight_error, "history": history}
 
 
+def assemble(model: nn.Module, fits: dict[str, tuple[str, list, torch.Tensor | None]]) -> list[dict]:
+    """Swap fitted layers into ``model`` (in place) by qualified name.
+
+    ``fits`` maps a layer name to ``(method, factors, bias)`` as returned by :func:`solve`; each
+    layer becomes a plain ``nn.Sequential`` of ``nn.Conv2d`` / ``nn.Linear``. Returns the
+    replacement records that :func:`ddtd.model_io.load_model` replays on a fresh architecture.
+    """
+    return [replace_layer(model, name, kind, factors, bias) for name, (kind, factors, bias) in fits.items()]
+
+
 class _Stop(Exception):
     pass
 
@@ -516,7 +527,7 @@ def compress(
             if best is None or score < best[0]:
                 best = (score, m, r, out)
         _, m, r, out = best
-        records.append(replace_layer(work, p.name, m, out["factors"], out["bias"]))
+        records += assemble(work, {p.name: (m, out["factors"], out["bias"])})
         new = get_module(work, p.name)
         after = sum(q.numel() for n_, q in new.named_parameters() if not n_.endswith("bias"))
         report.layers.append(LayerReport(
