@@ -18,6 +18,8 @@ from .cp import CPResult, cp3, cp4, cp_als, khatri_rao
 from .formats import FORMATS, param_count, rank_for_budget, rank_for_ratio
 from .svd import SVDResult, sigma_svd, sigma_svd_cross
 from .tucker2 import Tucker2Result, tucker2
+from .stable_cp import StableCPResult, balance, ellipsoid_least_norm, sensitivity, stable_cp, stable_cp3, stable_cp4
+from .lrs import LRSResult, lowrank_sparse, magnitude_prune, sigma_prune, solve_rows, split_budget, storage_units
 
 SOLVERS = {
     "svd": sigma_svd,
@@ -30,4 +32,7 @@ __all__ = [
     "CPResult", "SVDResult", "Tucker2Result", "SOLVERS", "FORMATS",
     "cp3", "cp4", "cp_als", "khatri_rao", "sigma_svd", "sigma_svd_cross", "tucker2",
     "param_count", "rank_for_budget", "rank_for_ratio",
+    "StableCPResult", "balance", "ellipsoid_least_norm", "sensitivity", "stable_cp", "stable_cp3", "stable_cp4",
+    "LRSResult", "lowrank_sparse", "magnitude_prune", "sigma_prune", "solve_rows", "split_budget",
+    "storage_units",
 ]
