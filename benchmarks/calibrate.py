@@ -99,8 +99,11 @@ def measure(model_name: str, num_images: int, batch_size: int, repeats: int) -> 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one model in this process
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     configs = {
         "resnet18@224": (64 if args.quick else 128, 32, 2 if args.quick else 3),
         "reference-resnet18@32": (512 if args.quick else 2048, 128, 2 if args.quick else 3),
@@ -111,9 +114,11 @@ def main(argv=None) -> int:
     rows = []
     for name in configs:
         cmd = [sys.executable, __file__, "--one", name] + (["--quick"] if args.quick else [])
+        cmd += ["--threads", str(args.threads)] if args.threads else []
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
+          f"load average {os.getloadavg()[0]:.1f}")
     hdr = ("model", "weights", "images", "infer img/s", "calib img/s", "calib/infer", "naive unfold/infer",
            "peak RSS MiB", "store MiB")
     print("| " + " | ".join(hdr) + " |")

@@ -40,6 +40,8 @@ CONV_GRID = [
     (3, 1, 1, 1, 1, "replicate"),
     ((3, 1), (2, 1), (1, 0), 1, 1, "zeros"),  # k x 1 kernels
     ((1, 5), 1, (0, 2), (1, 2), 1, "zeros"),
+    (7, 2, 3, 1, 1, "zeros"),  # an RGB stem: space-to-depth path
+    ((5, 3), (3, 2), (2, 1), (1, 2), 1, "reflect"),
 ]
 
 
@@ -128,7 +130,8 @@ def test_lag_and_unfold_methods_equal_reference(k, s, p, d, g, mode):
         pytest.skip("kernel larger than input")
     patches = unfold_patches(x, geo)
     ref = patches.transpose(1, 2) @ patches
-    for method in ("lag", "lag-whole", "lag-cells", "unfold"):
+    methods = ["lag", "lag-whole", "lag-cells", "unfold"] + (["lag-s2d"] if g == 1 and s > 1 else [])
+    for method in methods:
         xxT, x_sum, count = conv_input_moments(x, geo, method=method)
         assert count == patches.shape[1]
         torch.testing.assert_close(xxT, ref, rtol=1e-12, atol=1e-12)
@@ -156,7 +159,7 @@ def test_cross_moments_equal_reference(k, s, p, d, g, mode):
     y = x + 0.3 * torch.randn_like(x)
     px, py = unfold_patches(x, geo), unfold_patches(y, geo)
     ref = px.transpose(1, 2) @ py
-    for method in ("lag", "lag-whole", "lag-cells", "unfold"):
+    for method in ["lag", "lag-whole", "lag-cells", "unfold"] + (["lag-s2d"] if g == 1 and s > 1 else []):
         xyT, x_sum, count = conv_input_moments(x, geo, method=method, y=y)
         torch.testing.assert_close(xyT, ref, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(x_sum, px.sum(1), rtol=1e-12, atol=1e-12)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError, NumericalError
-from .moments import ConvGeometry, conv_geometry, conv_input_moments, linear_input_moments
+from .moments import ConvGeometry, assemble_blocks, conv_geometry, conv_moment_blocks, linear_input_moments
 
 __all__ = ["LayerMoments", "MomentCollector", "select_layers", "DEFAULT_MAX_DIM"]
 
@@ -156,7 +156,8 @@ class MomentCollector:
         self.names = select_layers(model, layers)
         self.modules = dict(model.named_modules())
         self.accumulate_device = accumulate_device
-        self.moments: dict[str, LayerMoments] = {}
+        self._acc: dict[str, dict] = {}  # float64 running sums per layer (Sigma as offset blocks)
+        self._moments: dict[str, LayerMoments] | None = None
         self.skipped: dict[str, str] = {}
         self._handles: list = []
         self._geos: dict[str, ConvGeometry] = {}
@@ -199,28 +200,52 @@ class MomentCollector:
             x = inputs[0].detach()
             with torch.no_grad():
                 if geo is not None:
-                    xxT, x_sum, count = conv_input_moments(x, geo, method=self.conv_method)
+                    parts, x_sum, count = conv_moment_blocks(x, geo, method=self.conv_method)
                 else:
-                    xxT, x_sum, count = linear_input_moments(x)
+                    parts, x_sum, count = linear_input_moments(x)
                 # NaN / Inf anywhere in x shows up in its sums (x^2 on the diagonal).
-                if not (torch.isfinite(x_sum).all() and torch.isfinite(torch.diagonal(xxT, dim1=1, dim2=2)).all()):
+                if isinstance(parts, dict):
+                    diag = sum(torch.diagonal(b, dim1=1, dim2=2).sum() for (a, c), b in parts.items() if a == c)
+                else:
+                    diag = torch.diagonal(parts, dim1=1, dim2=2).sum()
+                if not (torch.isfinite(x_sum).all() and torch.isfinite(torch.as_tensor(diag))):
                     raise NumericalError(
                         f"layer '{name}' received NaN or Inf activations",
                         hint="check the model's weights and the input normalisation "
                         "(--mean/--std); a model that overflows in half precision needs float32",
                     )
-                self._accumulate(name, module, xxT, x_sum, count)
+                self._accumulate(name, parts, x_sum, count)
 
         return hook
 
-    def _accumulate(self, name, module, xxT, x_sum, count) -> None:
-        dev = self.accumulate_device or xxT.device
-        xxT = xxT.to(dev, torch.float64)
+    def _accumulate(self, name, parts, x_sum, count) -> None:
+        dev = self.accumulate_device or x_sum.device
+        self._moments = None
+        acc = self._acc.setdefault(name, {"blocks": {}, "dense": None, "x_sum": None, "count": 0})
         x_sum = x_sum.to(dev, torch.float64)
-        if name not in self.moments:
-            self.moments[name] = LayerMoments(xxT, x_sum, count, layer_meta(module))
+        acc["x_sum"] = x_sum if acc["x_sum"] is None else acc["x_sum"].add_(x_sum)
+        acc["count"] += count
+        if isinstance(parts, dict):
+            for key, blk in parts.items():
+                old = acc["blocks"].get(key)
+                if old is None:
+                    acc["blocks"][key] = blk.to(dev, torch.float64)
+                else:
+                    old.add_(blk.to(dev))  # float32 products added into the float64 sum in place
         else:
-            acc = self.moments[name]
-            acc.xxT += xxT
-            acc.x_sum += x_sum
-            acc.count += count
+            dense = parts.to(dev, torch.float64)
+            acc["dense"] = dense if acc["dense"] is None else acc["dense"].add_(dense)
+
+    @property
+    def moments(self) -> dict[str, LayerMoments]:
+        """``{layer name: LayerMoments}`` of everything accumulated so far (assembled once)."""
+        if self._moments is None:
+            out = {}
+            for name, acc in self._acc.items():
+                module = self.modules[name]
+                xxT = acc["dense"]
+                if xxT is None:  # a conv accumulated as offset blocks
+                    xxT = assemble_blocks(acc["blocks"], self._geos[name], symmetric=True, like=acc["x_sum"])
+                out[name] = LayerMoments(xxT, acc["x_sum"], acc["count"], layer_meta(module))
+            self._moments = out
+        return self._moments

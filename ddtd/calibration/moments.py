@@ -39,6 +39,8 @@ __all__ = [
     "ConvGeometry",
     "conv_geometry",
     "conv_input_moments",
+    "conv_moment_blocks",
+    "assemble_blocks",
     "linear_input_moments",
     "unfold_patches",
 ]
@@ -145,6 +147,53 @@ def _unfold_moments(x: torch.Tensor, geo: ConvGeometry, y: torch.Tensor | None =
     return xxT, x_sum, count
 
 
+def _space_to_depth_blocks(x: torch.Tensor, geo: ConvGeometry, y: torch.Tensor | None = None):
+    """Moments of a strided conv with few channels via space-to-depth (groups = 1).
+
+    Folding every ``s_h x s_w`` cell of the padded input into channels turns the conv into a
+    stride-1 conv with ``C s_h s_w`` channels and a ``ceil((d (k-1) + 1) / s)`` kernel whose patch
+    contains the original one; its Sigma (lag method, wider GEMMs) restricted to the original taps
+    is the original Sigma. Returns the dense ``(1, D, D)`` matrix.
+    """
+    if geo.groups != 1:
+        raise ValueError("space-to-depth moments need groups = 1")
+    (kh, kw), (sh, sw), (dh, dw) = geo.kernel_size, geo.stride, geo.dilation
+    xp = _pad(x, geo)
+    yp = None if y is None else _pad(y, geo)
+    hp, wp = xp.shape[-2:]
+    ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    kh2, kw2 = -(-(dh * (kh - 1) + 1) // sh), -(-(dw * (kw - 1) + 1) // sw)
+    rows, cols = (ho + kh2 - 1) * sh, (wo + kw2 - 1) * sw  # exactly what the output positions use
+
+    def fold(t):
+        t = t[..., :rows, :cols]
+        t = F.pad(t, (0, cols - t.shape[-1], 0, rows - t.shape[-2]))
+        return F.pixel_unshuffle(t, sh) if sh == sw else _unshuffle2(t, sh, sw)
+
+    c = x.shape[1]
+    geo2 = ConvGeometry(in_channels=c * sh * sw, kernel_size=(kh2, kw2), stride=(1, 1), pad=(0, 0, 0, 0),
+                        dilation=(1, 1), groups=1, padding_mode="zeros")
+    big, big_sum, count = conv_input_moments(fold(xp), geo2, method="lag", y=None if yp is None else fold(yp))
+    # Original tap (c, i, j) sits at padded offset (dh i, dw j) = (sh qi + ri, sw qj + rj):
+    # channel c*sh*sw + ri*sw + rj of the folded input, kernel position (qi, qj).
+    idx = []
+    for ch in range(c):
+        for i in range(kh):
+            qi, ri = divmod(dh * i, sh)
+            for j in range(kw):
+                qj, rj = divmod(dw * j, sw)
+                idx.append(((ch * sh * sw + ri * sw + rj) * kh2 + qi) * kw2 + qj)
+    idx_t = torch.tensor(idx, device=x.device)
+    return big[:, idx_t][:, :, idx_t], big_sum[:, idx_t], count
+
+
+def _unshuffle2(t: torch.Tensor, sh: int, sw: int) -> torch.Tensor:
+    """``pixel_unshuffle`` with different factors per axis: ``(N, C, H, W) -> (N, C sh sw, H/sh, W/sw)``."""
+    n, c, h, w = t.shape
+    t = t.reshape(n, c, h // sh, sh, w // sw, sw).permute(0, 1, 3, 5, 2, 4)
+    return t.reshape(n, c * sh * sw, h // sh, w // sw)
+
+
 def conv_input_moments(
     x: torch.Tensor,
     geo: ConvGeometry,
@@ -153,6 +202,44 @@ def conv_input_moments(
     y: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Exact ``(sum x x^T, sum x, count)`` over all patches a Conv2d sees in the batch ``x``.
+
+    Same arguments as :func:`conv_moment_blocks`; returns the dense ``(g, D, D)`` matrix.
+    """
+    parts, x_sum, count = conv_moment_blocks(x, geo, compute_dtype, method, y)
+    if isinstance(parts, torch.Tensor):
+        return parts, x_sum, count
+    return assemble_blocks(parts, geo, symmetric=y is None, like=x_sum), x_sum, count
+
+
+def assemble_blocks(blocks: dict, geo: ConvGeometry, symmetric: bool, like: torch.Tensor) -> torch.Tensor:
+    """``(g, D, D)`` from Sigma's ``(a, b)`` offset blocks (missing blocks are zero; with
+    ``symmetric`` only ``a <= b`` is given and ``(b, a)`` is the transpose)."""
+    g = geo.groups
+    cg = geo.in_channels // g
+    kk = geo.kernel_size[0] * geo.kernel_size[1]
+    full = like.new_zeros(g, kk, kk, cg, cg)
+    for (ia, ib), blk in blocks.items():
+        full[:, ia, ib] = blk
+        if symmetric and ia != ib:
+            full[:, ib, ia] = blk.transpose(1, 2)
+    # Reorder to unfold order: D index = c*kk + offset.
+    return full.permute(0, 3, 1, 4, 2).reshape(g, cg * kk, cg * kk)
+
+
+def conv_moment_blocks(
+    x: torch.Tensor,
+    geo: ConvGeometry,
+    compute_dtype: torch.dtype | None = None,
+    method: str = "auto",
+    y: torch.Tensor | None = None,
+):
+    """Sigma of the patches a Conv2d sees in ``x``, as offset blocks: ``(blocks, sum x, count)``.
+
+    ``blocks`` maps a pair of kernel offsets ``(a, b)`` (flattened row-major, ``a <= b`` unless
+    ``y`` is given) to ``sum_p X[p + a] Y[p + b]^T`` of shape ``(g, Cg, Cg)``; pairs whose windows
+    only ever meet zero padding are left out. The unfold method returns the dense
+    ``(g, D, D)`` matrix instead of a dict. Accumulating blocks and assembling once
+    (:func:`assemble_blocks`) avoids a ``D x D`` pass per batch.
 
     With ``y`` (same shape as ``x``, e.g. the input the same layer sees in a partly compressed
     model) the first result is the cross moment ``sum x y^T`` instead (patches of ``x`` and ``y``
@@ -186,9 +273,16 @@ def conv_input_moments(
     kh, kw = geo.kernel_size
     cg = x.shape[1] // g
     if method == "auto":
-        method = "lag" if (kh * kw == 1 or cg >= 8) else "unfold"
+        if kh * kw == 1 or cg >= 8:
+            method = "lag"
+        elif g == 1 and geo.stride != (1, 1) and cg * geo.stride[0] * geo.stride[1] >= 8:
+            method = "lag-s2d"  # e.g. an RGB stem with stride 2: 12 channels after space-to-depth
+        else:
+            method = "unfold"
     if method == "unfold":
         return _unfold_moments(x, geo, y)
+    if method == "lag-s2d":
+        return _space_to_depth_blocks(x, geo, y)
     if method not in ("lag", "lag-whole", "lag-cells"):
         raise ValueError(f"unknown moment method {method!r}")
     strategy = {"lag": "auto", "lag-whole": "whole", "lag-cells": "cells"}[method]
@@ -248,7 +342,7 @@ def conv_input_moments(
             bufs[key] = buf
         return bufs[key]
 
-    blocks = x.new_zeros(g, kk, kk, cg, cg)
+    blocks: dict[tuple[int, int], torch.Tensor] = {}
     for (fai, faj, fbi, fbj, lag_i, lag_j), pairs in groups_of_pairs.items():
         shift = lag_i * ws + lag_j
         buf_a, buf_b = phase_buffer(fai, faj), phase_buffer(fbi, fbj, second=True)
@@ -300,7 +394,6 @@ def conv_input_moments(
         cost_cells = sum(area(c) for c in in_some)
         if strategy != "auto":
             cost_whole, cost_cells = (0, 1) if strategy == "whole" else (1, 0)
-        zero = x.new_zeros(g, cg, cg)
         window = {}
         if cost_whole < cost_cells:
             total = _lag_products(flat_a, flat_b)
@@ -315,12 +408,12 @@ def conv_input_moments(
             parts = {c: cell_product(c) for c in in_some}
             for st in starts:
                 terms = [val for cell, val in parts.items() if inside(cell, st)]
-                window[st] = torch.stack(terms).sum(0) if len(terms) > 1 else (terms[0] if terms else zero)
+                if terms:
+                    window[st] = torch.stack(terms).sum(0) if len(terms) > 1 else terms[0]
         for ia, ib in pairs:
-            acc = window[(rows[offsets[ia][0]][1], cols[offsets[ia][1]][1])]
-            blocks[:, ia, ib] = acc
-            if ia != ib and y is None:
-                blocks[:, ib, ia] = acc.transpose(1, 2)
+            acc = window.get((rows[offsets[ia][0]][1], cols[offsets[ia][1]][1]))
+            if acc is not None:
+                blocks[(ia, ib)] = acc
 
     # Sum of patches: per offset, the sum over its window.
     x_sum = x.new_empty(g, kk, cg)
@@ -330,11 +423,8 @@ def conv_input_moments(
         if (fi, fj) not in image_sums:
             image_sums[(fi, fj)] = phase_buffer(fi, fj)[front : front + m].view(n, hs, ws, g, cg).sum(0)
         x_sum[:, idx] = image_sums[(fi, fj)][oi : oi + ho, oj : oj + wo].sum(dim=(0, 1))
-    # Reorder to unfold order: D index = c*kk + offset.
-    d = cg * kk
-    xxT = blocks.permute(0, 3, 1, 4, 2).reshape(g, d, d)
-    x_sum = x_sum.transpose(1, 2).reshape(g, d)
-    return xxT, x_sum, n * ho * wo
+    x_sum = x_sum.transpose(1, 2).reshape(g, cg * kk)
+    return blocks, x_sum, n * ho * wo
 
 
 def linear_input_moments(
