@@ -36,6 +36,7 @@ from .calibration.moments import conv_geometry, conv_input_moments, linear_input
 from .errors import InputError
 from .layers import (factorized_weight, fold_batchnorm, fold_records, get_module, macs_by_layer,
                      replace_layer)
+from .solvers._common import eigh
 from .methods import METHODS, MethodConfig, applicable, get_method, layer_dims
 from .ranks import (ErrorBudget, LayerShape, Ratio, allocate, evbmf_rank, format_macs,
                     format_params, resolve_rank, whitened_spectrum)
@@ -382,7 +383,7 @@ def _regression_target(W: torch.Tensor, c_tt: torch.Tensor, c_xt: torch.Tensor, 
     Wg = _split(W.to(torch.float64), g)
     out = []
     for i in range(g):
-        ev, V = torch.linalg.eigh(c_tt[i])
+        ev, V = eigh(c_tt[i])
         keep = ev > eps_rel * ev.max().clamp_min(1e-300)
         pinv = (V[:, keep] / ev[keep]) @ V[:, keep].T
         out.append(Wg[i] @ c_xt[i] @ pinv)

@@ -134,7 +134,13 @@ def whitened_spectrum(weight: torch.Tensor, sigma: torch.Tensor | None) -> torch
         G = W @ W.transpose(1, 2)
     else:
         G = W @ sigma.to(torch.float64) @ W.transpose(1, 2)
-    ev = torch.linalg.eigvalsh(G).clamp_min(0).flip(-1)
+    try:
+        ev = torch.linalg.eigvalsh(G)
+    except torch.linalg.LinAlgError:  # rare non-convergence on ill-conditioned inputs
+        from .solvers._common import eigh
+
+        ev = eigh(G)[0]
+    ev = ev.clamp_min(0).flip(-1)
     return ev[:, : min(W.shape[1], W.shape[2])]
 
 

