@@ -339,3 +339,36 @@ def combine_histories(hists: list[list[float]], bases: list[float]) -> list[floa
     for it in range(n):
         out.append(sum(b * (h[min(it, len(h) - 1)]) for h, b in zip(hists, bases)) / total)
     return out
+
+
+class BestIterate:
+    """Bookkeeping shared by the ALS solvers: keep the best iterate, a non-increasing history,
+    and stop on a relative decrease below ``tol``, an exact fit, or ``max_iter``.
+
+    ``step(rel, it, snapshot)`` records the relative error of iteration ``it`` (``snapshot()``
+    copies the iterate when it is the best so far) and returns True when the loop should stop.
+    """
+
+    def __init__(self, tol: float, max_iter: int, name: str | None, solver: str):
+        self.tol, self.max_iter, self.name, self.solver = tol, max_iter, name, solver
+        self.history: list[float] = []
+        self.raw: list[float] = []
+        self.best_error: float | None = None
+        self.best = None
+        self.converged = False
+
+    def step(self, rel: float, it: int, snapshot: Callable) -> bool:
+        if not math.isfinite(rel):
+            raise diverged(self.name, self.solver, f"error {rel} at iteration {it}")
+        self.raw.append(rel)
+        if self.best_error is None or rel <= self.best_error:
+            self.best_error, self.best = rel, snapshot()
+        self.history.append(self.best_error)
+        h = self.history
+        if len(h) > 1 and (h[-2] - h[-1]) <= self.tol * h[-2]:
+            self.converged = True
+            return True
+        if rel <= 1e-15 or it == self.max_iter:
+            self.converged = rel <= 1e-15
+            return True
+        return False

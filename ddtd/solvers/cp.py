@@ -48,7 +48,7 @@ import torch
 
 from ddtd.errors import InputError
 
-from ._common import (eigh, qr, EPS_REL, F64, _where, check_finite, combine_histories, diverged, frob_sq,
+from ._common import (BestIterate, eigh, qr, EPS_REL, F64, _where, check_finite, combine_histories, diverged, frob_sq,
                       pcg, prepare_sigma, resolve_device_dtype, sigma_error,
                       spd_solve, split_groups)
 
@@ -160,8 +160,7 @@ def _als_frobenius(W, dims, A, facs, max_iter, tol, dt, name):
     Wd = W.to(dt)
     base = frob_sq(W)
     facs = [f.to(dt) for f in facs]
-    hist, raw, best = [], [], None
-    converged = False
+    track = BestIterate(tol, max_iter, name, "CP-ALS")
     it = 0
     for it in range(1, max_iter + 1):
         grams = [f.T.to(F64) @ f.to(F64) for f in facs]
@@ -170,18 +169,7 @@ def _als_frobenius(W, dims, A, facs, max_iter, tol, dt, name):
         A = spd_solve(_grams_hadamard(grams), MT, right=True)
         _check(A, name, it)
         err = max(base - float((A * MT).sum()), 0.0)
-        rel = err / base
-        if not math.isfinite(rel):
-            raise diverged(name, "CP-ALS", f"error {rel} at iteration {it}")
-        raw.append(rel)
-        if best is None or rel <= best[0]:
-            best = (rel, A.clone(), [f.clone() for f in facs])
-        hist.append(best[0])
-        if len(hist) > 1 and (hist[-2] - hist[-1]) <= tol * hist[-2]:
-            converged = True
-            break
-        if rel <= 1e-15 or it == max_iter:
-            converged = rel <= 1e-15
+        if track.step(err / base, it, lambda: (A.clone(), [f.clone() for f in facs])):
             break
         AtA = A.T @ A
         X = (A.to(dt).T @ Wd).reshape(-1, dims[0], D // dims[0])     # (R, S, rest)
@@ -214,8 +202,8 @@ def _als_frobenius(W, dims, A, facs, max_iter, tol, dt, name):
             facs[k] = F.to(dt)
             grams[k] = F.T @ F
             AtA = A.T @ A
-    _, A, facs = best
-    return A, facs, hist, raw, it, converged
+    A, facs = track.best
+    return A, facs, track.history, track.raw, it, track.converged
 
 
 class _SigmaModes:
@@ -282,8 +270,7 @@ def _als_sigma(W, Sg, dims, A, facs, max_iter, tol, cg_tol, cg_max_iter, cg_ener
     facs = [f.to(dt) for f in facs]
     M = khatri_rao(facs)
     SM = Sd @ M
-    hist, raw, best = [], [], None
-    converged = False
+    track = BestIterate(tol, max_iter, name, "CP-ALS-Sigma")
     it = 0
     for it in range(1, max_iter + 1):
         WSM = (WS @ M).to(F64)
@@ -291,18 +278,7 @@ def _als_sigma(W, Sg, dims, A, facs, max_iter, tol, cg_tol, cg_max_iter, cg_ener
         A = spd_solve(MSM, WSM, right=True)
         _check(A, name, it)
         err = max(base - float((A * WSM).sum()), 0.0)
-        rel = err / base
-        if not math.isfinite(rel):
-            raise diverged(name, "CP-ALS-Sigma", f"error {rel} at iteration {it}")
-        raw.append(rel)
-        if best is None or rel <= best[0]:
-            best = (rel, A.clone(), [f.clone() for f in facs])
-        hist.append(best[0])
-        if len(hist) > 1 and (hist[-2] - hist[-1]) <= tol * hist[-2]:
-            converged = True
-            break
-        if rel <= 1e-15 or it == max_iter:
-            converged = rel <= 1e-15
+        if track.step(err / base, it, lambda: (A.clone(), [f.clone() for f in facs])):
             break
         SWA = WSt @ A.to(dt)                                  # Sigma W^T A (D, R)
         for k in range(m):
@@ -346,8 +322,8 @@ def _als_sigma(W, Sg, dims, A, facs, max_iter, tol, cg_tol, cg_max_iter, cg_ener
             facs[k] = Fd
             SWA = SWA * s.to(dt)
         M = khatri_rao(facs)
-    _, A, facs = best
-    return A, facs, hist, raw, it, converged
+    A, facs = track.best
+    return A, facs, track.history, track.raw, it, track.converged
 
 
 def _cp_one(weight, sigma, rank, layout, max_iter, tol, seed, init, damping, eps_rel, cg_tol,
