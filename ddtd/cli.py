@@ -46,7 +46,8 @@ def _add_image_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mean", type=_floats, default=IMAGENET_MEAN, help="per-channel mean (default ImageNet)")
     g.add_argument("--std", type=_floats, default=IMAGENET_STD, help="per-channel std (default ImageNet)")
     g.add_argument("--channels", type=int, default=None, help="input channels (default: the first conv's)")
-    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="images per forward pass (default: 32 at 224 px, more for smaller images, up to 512)")
 
 
 def cmd_calibrate(args) -> int:
@@ -206,7 +207,7 @@ def cmd_eval(args) -> int:
                          device=args.device)
     transform = _transform_from(args, ref if ref is not None and not hasattr(model, "ddtd_spec") else model)
     res = evaluate(model, args.images, transform, reference=ref, num_images=args.num_images,
-                   batch_size=args.batch_size, seed=args.seed, device=args.device)
+                   batch_size=args.batch_size or 128, seed=args.seed, device=args.device)
     shape = (transform.channels, transform.size, transform.size)
     if not args.no_latency:
         models = {"model": model} if ref is None else {"model": model, "reference": ref}

@@ -416,7 +416,7 @@ def compress(
     sequential: bool | None = None,
     config: MethodConfig | None = None,
     num_images: int | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     transform=None,
     seed: int = 0,
     device: str | torch.device | None = None,
@@ -463,6 +463,12 @@ def compress(
 
         if transform is None and isinstance(data, (str, os.PathLike)):
             transform = ImageTransform(channels=first_layer_channels(model))
+        if batch_size is None:
+            from .calibration.run import auto_batch_size
+
+            side = transform.size if transform is not None else (
+                data.shape[-1] if isinstance(data, torch.Tensor) else 224)
+            batch_size = auto_batch_size(side)
         it, _, _ = _batches_from(data, transform, num_images, seed, batch_size, lambda n: None)
         batches = [x.cpu() for x in it]
         if not batches:

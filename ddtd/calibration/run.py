@@ -38,6 +38,11 @@ class CalibrationResult:
         return self.info.skipped
 
 
+def auto_batch_size(side: int) -> int:
+    """32 images at 224 x 224, scaled with the pixel count, between 1 and 512."""
+    return int(max(1, min(512, 32 * (224 * 224) // max(1, side * side))))
+
+
 def first_layer_channels(model: nn.Module) -> int:
     """Input channels of the first Conv2d (3 if the model starts with something else)."""
     for m in model.modules():
@@ -87,7 +92,7 @@ def calibrate(
     transform: ImageTransform | None = None,
     num_images: int | None = None,
     seed: int = 0,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     max_dim: int = DEFAULT_MAX_DIM,
     device: str | torch.device | None = None,
     show_progress: bool | None = None,
@@ -102,6 +107,8 @@ def calibrate(
         transform: preprocessing for an image folder (default: 224 px, ImageNet mean / std,
             the model's input channels).
         num_images, seed: how many images to use, sampled reproducibly.
+        batch_size: images per forward pass (default: 32 at 224 x 224, scaled with the pixel
+            count up to 512, so small images amortise the per-batch accumulation).
         max_dim: layers whose patch length exceeds it are skipped (reason recorded).
         device: where the forward pass and the accumulators live (default: the model's).
 
@@ -119,6 +126,9 @@ def calibrate(
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
     if transform is None and isinstance(data, (str, os.PathLike)):
         transform = ImageTransform(channels=first_layer_channels(model))
+    if batch_size is None:
+        side = transform.size if transform is not None else (data.shape[-1] if isinstance(data, torch.Tensor) else 224)
+        batch_size = auto_batch_size(side)
     t0 = time.time()
     bar = tqdm(total=num_images if isinstance(data, (str, os.PathLike)) else None,
                unit="img", desc="calibrating", disable=None if show_progress is None else not show_progress)
