@@ -34,7 +34,7 @@ class MethodConfig:
     max_iter: int = 50
     tol: float = 1e-5
     seed: int = 0
-    damping: float = 0.0
+    damping: float | None = None  # None: 1e-3 for tucker2 / cp, 0 for svd (see damping_for)
     bias_correction: bool | None = None  # b~ = b + (W - W~) mu; default: on for sigma only
     options: dict = field(default_factory=dict)
 
@@ -45,8 +45,21 @@ class MethodConfig:
             raise InputError(f"max_iter must be >= 1, got {self.max_iter}")
         if not self.tol >= 0:
             raise InputError(f"tol must be >= 0, got {self.tol}")
-        if not 0 <= self.damping < 1:
+        if self.damping is not None and not 0 <= self.damping < 1:
             raise InputError(f"damping must be in [0, 1), got {self.damping}")
+
+    def damping_for(self, method: str) -> float:
+        """Sigma is damped by ``damping * mean(diag(Sigma)) * I`` before fitting.
+
+        The Sigma metric leaves directions with (almost) no input energy unconstrained; the
+        closed-form SVD stays a projection of ``W`` there, but ALS factors of Tucker2 / CP can
+        grow large along them and then amplify inputs that differ slightly from the
+        calibration set. Measured on the reference ResNet-18 at 4x with cp3: 74.8% top-1
+        undamped, 92.4% with 1e-3 and 92.3% with 1e-2 (original 92.3% on the same 2000 images).
+        """
+        if self.damping is not None:
+            return self.damping
+        return 0.0 if method == "svd" else 1e-3
 
 
 @dataclass(frozen=True)
@@ -84,20 +97,21 @@ def applicable(method: str, layer: nn.Module) -> tuple[bool, str]:
 
 
 def _svd(weight, sigma, ranks, cfg: MethodConfig, name):
-    r = sigma_svd(weight, sigma, int(ranks), damping=cfg.damping, name=name)
+    r = sigma_svd(weight, sigma, int(ranks), damping=cfg.damping_for("svd") if sigma is not None else 0.0, name=name)
     return [r.A, r.B], r.rel_error, [r.rel_error]
 
 
 def _tucker2(weight, sigma, ranks, cfg: MethodConfig, name):
     r = tucker2(weight, sigma, tuple(ranks), max_iter=cfg.max_iter, tol=cfg.tol, seed=cfg.seed,
-                damping=cfg.damping, name=name, **cfg.options)
+                damping=cfg.damping_for("tucker2") if sigma is not None else 0.0, name=name, **cfg.options)
     return [r.U, r.core, r.V], r.rel_error, list(r.history)
 
 
 def _cp(layout):
     def solve(weight, sigma, ranks, cfg: MethodConfig, name):
         r = cp_als(weight, sigma, int(ranks), layout=layout, max_iter=cfg.max_iter, tol=cfg.tol,
-                   seed=cfg.seed, damping=cfg.damping, name=name, **cfg.options)
+                   seed=cfg.seed, damping=cfg.damping_for(layout) if sigma is not None else 0.0, name=name,
+                   **cfg.options)
         factors = [r.A, r.B, r.C] if layout == "cp3" else [r.A, r.B, r.C, r.E]
         return factors, r.rel_error, list(r.history)
 
