@@ -3,8 +3,9 @@
     python calib/make_subset.py --source fashion-mnist --split train --num 512 --out calib/fmnist-512
     python calib/make_subset.py --source /path/to/imagefolder --num 256 --out calib/my-256
 
-The output is a folder of PNG files (Fashion-MNIST) or copies of the chosen files (image
-folder), one sub-folder per class, so `ddtd calibrate --images <out>` and `ddtd eval` can use it.
+The output is a folder of PNG files (Fashion-MNIST, sub-folders "00-t-shirt" ... "09-ankle-boot"
+so that their sorted order is the label order) or copies of the chosen files (image folder),
+one sub-folder per class, so `ddtd calibrate --images <out>` and `ddtd eval` can use it.
 The folder is built beside the target and renamed into place, so an interrupted run leaves
 nothing half-written.
 """
@@ -56,7 +57,9 @@ def build(source: str, out: Path, num: int, seed: int, split: str) -> int:
             images, labels = load_fashion_mnist(split)
             idx = stratified(labels.tolist(), num, seed)
             for i in idx:
-                name = FASHION_MNIST_CLASSES[int(labels[i])]
+                # "03-dress": sorted folder names follow the label indices, so `ddtd eval`
+                # (classes = sorted sub-folders) scores a Fashion-MNIST model correctly.
+                name = f"{int(labels[i]):02d}-{FASHION_MNIST_CLASSES[int(labels[i])]}"
                 (tmp / name).mkdir(exist_ok=True)
                 Image.fromarray(images[i, 0].numpy(), mode="L").save(tmp / name / f"{split}-{i:05d}.png")
         else:

@@ -189,3 +189,28 @@ def test_store_mismatch_raises_typed_error(tmp_path, net):
     with pytest.raises(StoreMismatchError):
         compress(net, store=tmp_path / "s.h5", ratio=2, input_shape=(3, 16, 16), show_progress=False)
     assert issubclass(StoreMismatchError, DdtdError)
+
+
+def test_eval_accuracy_and_agreement_on_a_labelled_folder(tmp_path, capsys):
+    """`ddtd eval`: accuracy against sub-folder labels (sorted order), agreement, output error."""
+    import json
+
+    from ddtd.data import ImageFolder, ImageTransform
+
+    torch.manual_seed(0)
+    model = load_model("ddtd.zoo:vgg_fmnist")
+    _randomise_bn(model)
+    src = tmp_path / "m.ddtd"
+    save_model(model, src)
+    imgs = tmp_path / "imgs"
+    write_images(imgs, 20, size=(32, 32), classes=("00-a", "01-b", "02-c"))
+    out = tmp_path / "e.json"
+    assert main(["eval", "--model", str(src), "--reference", str(src), "--images", str(imgs), "--size", "32",
+                 "--no-latency", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    folder = ImageFolder.scan(imgs)
+    xs, ys = zip(*folder.batches(ImageTransform(size=32), batch_size=100, labels=True))
+    with torch.no_grad():
+        expected = float((model(torch.cat(xs)).argmax(1) == torch.cat(ys)).float().mean())
+    assert res["images"] == 20 and res["accuracy"] == pytest.approx(expected)
+    assert res["agreement"] == 1.0 and res["relative_output_error"] == 0.0
