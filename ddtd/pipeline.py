@@ -192,6 +192,8 @@ def plan(
                 hint="calibrate with --layers covering it (or a larger --max-dim), or exclude it with --layers",
             )
         cands = tuple(m for m in (METHODS if method == "auto" else [method]) if applicable(m, layer)[0])
+        if not cands and applicable("svd", layer)[0]:
+            cands = ("svd",)  # conv-only formats (tucker2, cp) leave Linear and 1x1 layers to svd
         if not cands:
             plans.append(LayerPlan(name, None, reason=applicable(method, layer)[1]))
             continue

@@ -214,3 +214,11 @@ def test_eval_accuracy_and_agreement_on_a_labelled_folder(tmp_path, capsys):
         expected = float((model(torch.cat(xs)).argmax(1) == torch.cat(ys)).float().mean())
     assert res["images"] == 20 and res["accuracy"] == pytest.approx(expected)
     assert res["agreement"] == 1.0 and res["relative_output_error"] == 0.0
+
+
+def test_conv_only_methods_fall_back_to_svd_for_linear_layers(net, data):
+    res = compress(net, data, ratio=2.0, method="tucker2", strategy="uniform", include_last=True,
+                   config=MethodConfig(max_iter=4), show_progress=False)
+    kinds = {r.name: r.method for r in res.report.layers}
+    assert kinds["19"] == "svd" and kinds["21"] == "svd"  # the two Linear layers
+    assert any(m == "tucker2" for m in kinds.values())
