@@ -4,6 +4,16 @@ import torch
 from PIL import Image
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny problems: one thread is faster, and on a shared machine OpenMP with more threads
+    than free cores stalls badly. Restored after the module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

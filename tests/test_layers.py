@@ -14,16 +14,8 @@ from ddtd.layers import (apply_replacements, build_cp3, build_cp4, build_dense, 
                          find_conv_bn_pairs, fold_batchnorm, fold_records, get_module,
                          macs_by_layer, replace_layer, set_module)
 
-pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convs: one thread is faster on a shared machine (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel"),
+              pytest.mark.usefixtures("single_thread")]
 
 
 BUILD = {"svd": build_svd, "tucker2": build_tucker2, "cp3": build_cp3, "cp4": build_cp4}

@@ -14,7 +14,6 @@ from ddtd.solvers.lrs import (INDEX_UNITS, lowrank_sparse, magnitude_prune, sigm
 from ddtd.solvers.svd import sigma_svd
 from ddtd.solvers.synthetic import activation_patches, structured_kernel
 
-torch.set_num_threads(1)
 F64 = torch.float64
 
 
@@ -280,3 +279,6 @@ def test_layer_rejects_bad_inputs():
         LowRankSparse(lin, "none", (), torch.tensor([6]), torch.ones(1), name="fc")
     with pytest.raises(InputError):
         LowRankSparse.from_description({"kind": "svd"})
+
+
+pytestmark = pytest.mark.usefixtures("single_thread")

@@ -16,16 +16,6 @@ from ddtd.solvers.synthetic import activation_patches
 F64 = torch.float64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    # the problems here are tiny: threads only add overhead, and on a shared machine
-    # OpenMP with more threads than free cores stalls badly (restored afterwards)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def aniso_sigma(D, cond=1e4, seed=0):
     """Full-rank PD Sigma with log-spaced eigenvalues (condition ``cond``), random basis."""
     g = torch.Generator().manual_seed(seed)
@@ -355,3 +345,6 @@ def test_param_counts_and_budgets():
         assert param_count(fmt, T, S_, kh, kw, bigger) > budget
     r = rank_for_ratio("cp3", T, S_, kh, kw, 4.0)
     assert T * S_ * 9 / param_count("cp3", T, S_, kh, kw, r) >= 4.0
+
+
+pytestmark = pytest.mark.usefixtures("single_thread")

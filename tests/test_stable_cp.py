@@ -19,14 +19,6 @@ from ddtd.solvers.stable_cp import (StableCPResult, balance, ellipsoid_least_nor
 F64 = torch.float64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def randn(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
 
@@ -295,3 +287,6 @@ def test_errors_name_the_layer():
         stable_cp(K, None, 3, init=init, layout="cp4", name="conv7")
     with pytest.raises(InputError, match="rank"):
         stable_cp(K, None, 4, init=init, name="conv7")
+
+
+pytestmark = pytest.mark.usefixtures("single_thread")
