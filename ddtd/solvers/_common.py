@@ -124,6 +124,16 @@ def as_matrix(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(weight.shape[0], -1)
 
 
+def checked_sigma(sigma: torch.Tensor, D: int, device, name: str | None) -> torch.Tensor:
+    """``sigma`` validated (shape ``(D, D)``, finite) as a symmetric float64 tensor on ``device``."""
+    if sigma.shape != (D, D):
+        raise InputError(f"{_where(name)}: sigma has shape {tuple(sigma.shape)}, expected ({D}, {D})",
+                         hint="sigma must be the covariance of the unfolded layer input (D = S*kh*kw)")
+    check_finite(sigma, "sigma", name)
+    s = sigma.to(device=device, dtype=F64)
+    return 0.5 * (s + s.T)
+
+
 def prepare_sigma(sigma: torch.Tensor | None, D: int, *, damping: float, eps_rel: float,
                   device: torch.device, name: str | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Return ``(sigma_obj, sigma_solve)`` in float64 on ``device`` (both ``None`` for Frobenius).
@@ -140,12 +150,7 @@ def prepare_sigma(sigma: torch.Tensor | None, D: int, *, damping: float, eps_rel
     """
     if sigma is None:
         return None, None
-    if sigma.shape != (D, D):
-        raise InputError(f"{_where(name)}: sigma has shape {tuple(sigma.shape)}, expected ({D}, {D})",
-                         hint="sigma must be the covariance of the unfolded layer input (D = S*kh*kw)")
-    check_finite(sigma, "sigma", name)
-    s = sigma.to(device=device, dtype=F64)
-    s = 0.5 * (s + s.T)
+    s = checked_sigma(sigma, D, device, name)
     md = float(torch.diagonal(s).mean())
     if md <= 0:
         raise InputError(f"{_where(name)}: sigma has zero trace (the layer never saw any input energy)",

@@ -27,7 +27,7 @@ import torch
 
 from ddtd.errors import InputError
 
-from ._common import (eigh, qr, F64, _where, check_finite, combine_histories, resolve_device_dtype,
+from ._common import (checked_sigma, eigh, qr, F64, _where, check_finite, combine_histories, resolve_device_dtype,
                       split_groups)
 
 
@@ -75,12 +75,7 @@ def _svd_one(W: torch.Tensor, sigma, rank: int, damping: float, dev, dtype, name
     if sigma is None:
         X = W64 @ W64.T
     else:
-        if sigma.shape != (D, D):
-            raise InputError(f"{_where(name)}: sigma has shape {tuple(sigma.shape)}, expected ({D}, {D})",
-                             hint="sigma must be the covariance of the unfolded layer input")
-        check_finite(sigma, "sigma", name)
-        S = sigma.to(device=dev, dtype=F64)
-        S = 0.5 * (S + S.T)
+        S = checked_sigma(sigma, D, dev, name)
         if damping:
             S = S + damping * float(torch.diagonal(S).mean()) * torch.eye(D, dtype=F64, device=dev)
         X = W64 @ S @ W64.T

@@ -32,7 +32,7 @@ import torch
 
 from ddtd.errors import InputError
 
-from ._common import (eigh, qr, EPS_REL, F64, _where, check_finite, combine_histories, diverged, frob_sq,
+from ._common import (BestIterate, eigh, qr, EPS_REL, F64, _where, check_finite, combine_histories, diverged, frob_sq,
                       partial_traces, pcg, prepare_sigma, resolve_device_dtype, sigma_error,
                       spd_solve, split_groups, top_eigvecs)
 
@@ -111,9 +111,7 @@ def _hooi(W3, R1, R2, V, max_iter, tol, name, t0):
     T, S, P = W3.shape
     Wtps = W3.permute(0, 2, 1).contiguous()  # (T, P, S)
     base = frob_sq(W3)
-    hist, raw = [], []
-    best = None
-    converged = False
+    track = BestIterate(tol, max_iter, name, "Tucker2 HOOI")
     it = 0
     for it in range(1, max_iter + 1):
         Vd = V.to(W3.dtype)
@@ -124,21 +122,10 @@ def _hooi(W3, R1, R2, V, max_iter, tol, name, t0):
         V = top_eigvecs(Zs @ Zs.T, R2)[1]
         core = torch.einsum("asp,sb->abp", Z.to(F64), V)
         err = max(base - frob_sq(core), 0.0)
-        rel = err / base
-        if not math.isfinite(rel):
-            raise diverged(name, "Tucker2 HOOI", f"error {rel} at iteration {it}")
-        raw.append(rel)
-        if best is None or rel <= best[0]:
-            best = (rel, U, core, V)
-        hist.append(best[0])
-        if len(hist) > 1 and (hist[-2] - hist[-1]) <= tol * hist[-2]:
-            converged = True
+        if track.step(err / base, it, lambda: (U, core, V)):
             break
-        if rel <= 1e-15:
-            converged = True
-            break
-    _, U, core, V = best
-    return U, core, V, hist, raw, it, converged
+    U, core, V = track.best
+    return U, core, V, track.history, track.raw, it, track.converged
 
 
 def _als_sigma(W, Sg, S, P, R1, R2, V, max_iter, tol, cg_tol, cg_max_iter, cg_energy_tol, dt,
@@ -165,9 +152,7 @@ def _als_sigma(W, Sg, S, P, R1, R2, V, max_iter, tol, cg_tol, cg_max_iter, cg_en
         Yp = Y.reshape(S, P, R2 * P).permute(1, 0, 2)       # (P, S, R2P)
         return torch.bmm(Yp, GtGp).sum(0)
 
-    hist, raw = [], []
-    best = None
-    converged = False
+    track = BestIterate(tol, max_iter, name, "Tucker2-ALS-Sigma")
     it = 0
     for it in range(1, max_iter + 1):
         Vd = V.to(dt)
@@ -179,18 +164,9 @@ def _als_sigma(W, Sg, S, P, R1, R2, V, max_iter, tol, cg_tol, cg_max_iter, cg_en
         w, U = top_eigvecs(Xs, R1)
         G1 = U.T @ Cs                                      # (R1, R2P)
         err = max(base - float(w.sum()), 0.0)
-        rel = err / base
-        if not math.isfinite(rel) or not bool(torch.isfinite(G1).all()):
-            raise diverged(name, "Tucker2-ALS-Sigma", f"error {rel} at iteration {it}")
-        raw.append(rel)
-        if best is None or rel <= best[0]:
-            best = (rel, U, G1, V)
-        hist.append(best[0])
-        if len(hist) > 1 and (hist[-2] - hist[-1]) <= tol * hist[-2]:
-            converged = True
-            break
-        if rel <= 1e-15 or it == max_iter:
-            converged = rel <= 1e-15
+        if not bool(torch.isfinite(G1).all()):
+            raise diverged(name, "Tucker2-ALS-Sigma", f"non-finite core at iteration {it}")
+        if track.step(err / base, it, lambda: (U, G1, V)):
             break
         # ---- V step: CG on the coupled normal equations, warm-started ----
         GtG = G1.T @ G1                                    # (R2P, R2P), index (b, q)
@@ -210,8 +186,8 @@ def _als_sigma(W, Sg, S, P, R1, R2, V, max_iter, tol, cg_tol, cg_max_iter, cg_en
         if not bool(torch.isfinite(Vn).all()):
             raise diverged(name, "Tucker2-ALS-Sigma", f"CG produced NaN at iteration {it}")
         V = qr(Vn.to(F64))[0]
-    _, U, G1, V = best
-    return U, G1.reshape(R1, R2, P), V, hist, raw, it, converged
+    U, G1, V = track.best
+    return U, G1.reshape(R1, R2, P), V, track.history, track.raw, it, track.converged
 
 
 def _tucker2_one(weight, sigma, ranks, max_iter, tol, seed, init, damping, eps_rel, cg_tol,
