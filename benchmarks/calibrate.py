@@ -5,10 +5,12 @@
 
 For each model: images per second of plain inference and of calibration (forward + moment
 hooks) on the same preloaded images, each at its best batch size of those tried (calibration
-amortises its per-batch float64 accumulation over larger batches), their ratio (target: <= 3x),
-the ratios at equal batch sizes, the naive unfold-then-X^T X reference, peak memory (max RSS of
-a fresh process per model), and the size of the HDF5 store. Timings alternate inference and
-calibration passes and report medians.
+amortises its per-batch float64 accumulation over larger batches), their ratio (target: <= 3x)
+for the default moment algorithm (``conv_method="auto"``: fast Toom-Cook lag correlations where
+they are cheaper) and for the previous default (``"auto-direct"``: one GEMM per lag), the
+ratios at equal batch sizes, the naive unfold-then-X^T X reference, peak memory (max RSS of a
+fresh process per model), and the size of the HDF5 store. Timings alternate inference and both
+calibrations and report medians.
 """
 
 from __future__ import annotations
@@ -72,16 +74,19 @@ def measure(model_name: str, num_images: int, batch_sizes: tuple[int, ...], repe
         batches = list(images.split(bs))
         infer(batches)()  # warm-up
         calib(batches, "auto")()
-        t_inf, t_cal = [], []
+        calib(batches, "auto-direct")()
+        t_inf, t_cal, t_old = [], [], []
         for r in range(repeats):
-            for fn, acc in ((infer(batches), t_inf), (calib(batches, "auto"), t_cal)):
+            for fn, acc in ((infer(batches), t_inf), (calib(batches, "auto"), t_cal),
+                            (calib(batches, "auto-direct"), t_old)):
                 t = time.perf_counter()
                 fn()
                 acc.append(time.perf_counter() - t)
-        per_batch[bs] = (statistics.median(t_inf), statistics.median(t_cal))
+        per_batch[bs] = (statistics.median(t_inf), statistics.median(t_cal), statistics.median(t_old))
     inf_bs = min(per_batch, key=lambda b: per_batch[b][0])
     cal_bs = min(per_batch, key=lambda b: per_batch[b][1])
-    inf, cal = per_batch[inf_bs][0], per_batch[cal_bs][1]
+    old_bs = min(per_batch, key=lambda b: per_batch[b][2])
+    inf, cal, old = per_batch[inf_bs][0], per_batch[cal_bs][1], per_batch[old_bs][2]
     t = time.perf_counter()
     calib(list(images.split(cal_bs)), "unfold")()
     naive = time.perf_counter() - t
@@ -95,7 +100,9 @@ def measure(model_name: str, num_images: int, batch_sizes: tuple[int, ...], repe
         "images": num_images,
         "infer_batch": inf_bs,
         "calib_batch": cal_bs,
-        "same_batch_ratios": {bs: c / i for bs, (i, c) in per_batch.items()},
+        "same_batch_ratios": {bs: c / i for bs, (i, c, _) in per_batch.items()},
+        "old_batch": old_bs,
+        "old_ratio": old / inf,
         "infer_img_s": num_images / inf,
         "calib_img_s": num_images / cal,
         "ratio": cal / inf,
@@ -132,13 +139,15 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.1f}")
     hdr = ("model", "weights", "images", "infer img/s (batch)", "calib img/s (batch)", "calib/infer",
-           "same-batch ratios", "naive unfold/infer", "peak RSS MiB", "store MiB")
+           "same-batch ratios", "previous lag method/infer (batch)", "naive unfold/infer", "peak RSS MiB",
+           "store MiB")
     print("| " + " | ".join(hdr) + " |")
     print("|" + "---|" * len(hdr))
     for r in rows:
         same = ", ".join(f"{v:.2f}x @{k}" for k, v in r["same_batch_ratios"].items())
         print(f"| {r['model']} | {r['weights'].split(' (')[0]} | {r['images']} | {r['infer_img_s']:.1f} ({r['infer_batch']}) | "
-              f"{r['calib_img_s']:.1f} ({r['calib_batch']}) | {r['ratio']:.2f}x | {same} | {r['naive_unfold_ratio']:.2f}x | "
+              f"{r['calib_img_s']:.1f} ({r['calib_batch']}) | {r['ratio']:.2f}x | {same} | "
+              f"{r['old_ratio']:.2f}x ({r['old_batch']}) | {r['naive_unfold_ratio']:.2f}x | "
               f"{r['peak_rss_mib']:.0f} | {r['store_mib']:.1f} |")
     return 0
 

@@ -151,7 +151,14 @@ def cmd_compress(args) -> int:
         except (OSError, ValueError) as exc:
             raise DdtdError(f"cannot read --ranks file '{args.ranks}' ({exc})",
                             hint='give a JSON object {"layer.name": rank, ...}') from exc
-    cfg = MethodConfig(norm=args.norm, max_iter=args.max_iter, tol=args.tol, seed=args.seed)
+    options: dict = {}
+    if args.sparsity is not None:
+        options["lrs"] = {"sparsity": args.sparsity}
+    if args.lrs_init is not None:
+        options.setdefault("lrs", {})["init"] = args.lrs_init
+    if args.no_stabilize:
+        options["auto"] = {"stabilize": False}
+    cfg = MethodConfig(norm=args.norm, max_iter=args.max_iter, tol=args.tol, seed=args.seed, options=options)
     result = compress(
         model, args.images, store=args.calib, ratio=args.ratio, budget=args.budget, rank=_rank_arg(args.rank),
         ranks=ranks, error=args.error, method=args.method, norm=args.norm, strategy=args.strategy,
@@ -301,7 +308,19 @@ def build_parser() -> argparse.ArgumentParser:
             a.required = False
     p.add_argument("--calib", type=Path, help="covariance store from `ddtd calibrate` (else --images calibrates)")
     p.add_argument("--norm", choices=["sigma", "frobenius"], default="sigma")
-    p.add_argument("--method", choices=["auto", "svd", "tucker2", "cp3", "cp4"], default="auto")
+    from .methods import METHODS
+
+    p.add_argument("--method", choices=["auto", *METHODS], default="auto",
+                   help="auto: per layer the lowest Sigma error at the allocated size among svd, tucker2, "
+                        "cp3, cp4 (+ lrs when --budget params), CP made stable; cp3-stable / cp4-stable: "
+                        "minimal sensitivity at the CP-ALS error; lrs: low rank + sparse; sparse: pruning only")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="lrs: fraction of each layer's bytes given to the sparse part (default: the split "
+                        "with the lowest Sigma error)")
+    p.add_argument("--lrs-init", choices=["data", "residual", "masked", "auto"], default=None,
+                   help="lrs: initialisation (residual / masked: the seed's, eq. 12 / 13-14)")
+    p.add_argument("--no-stabilize", action="store_true",
+                   help="auto: keep plain CP-ALS factors instead of the minimal-sensitivity ones")
     size = p.add_argument_group("size (one of)")
     size.add_argument("--ratio", type=float, help="whole-model compression ratio, e.g. 4")
     size.add_argument("--rank", help="every layer: an int rank, or a float > 1 = per-layer ratio")

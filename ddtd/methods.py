@@ -8,6 +8,7 @@ takes ``norm="sigma"`` (fit the output error on the calibration data) or ``norm=
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -18,7 +19,8 @@ from .errors import InputError
 from .solvers import cp_als, sigma_svd, tucker2
 from .solvers.formats import param_count
 
-__all__ = ["MethodConfig", "Method", "METHODS", "get_method", "layer_dims", "applicable"]
+__all__ = ["MethodConfig", "Method", "Fit", "METHODS", "get_method", "layer_dims", "applicable",
+           "AUTO_METHODS"]
 
 NORMS = ("sigma", "frobenius")
 
@@ -28,6 +30,8 @@ class MethodConfig:
     """Options common to every method; solver-specific ones go in ``options``.
 
     ``max_iter`` / ``tol`` apply to the iterative solvers (tucker2, cp3, cp4).
+    ``options`` maps a method name to extra keywords, e.g. ``{"tucker2": {"init": "hosvd"},
+    "lrs": {"sparsity": 0.5}, "cp3-stable": {"max_sweeps": 50}, "auto": {"stabilize": False}}``.
     """
 
     norm: str = "sigma"
@@ -47,6 +51,10 @@ class MethodConfig:
             raise InputError(f"tol must be >= 0, got {self.tol}")
         if self.damping is not None and not 0 <= self.damping < 1:
             raise InputError(f"damping must be in [0, 1), got {self.damping}")
+        if not isinstance(self.options, dict) or any(
+                k not in METHODS and k != "auto" or not isinstance(v, dict) for k, v in self.options.items()):
+            raise InputError(f"options must map method names to dicts, got {self.options!r}",
+                             hint=f"keys from {sorted(METHODS)} or 'auto', e.g. {{'lrs': {{'sparsity': 0.5}}}}")
 
     def damping_for(self, method: str) -> float:
         """Sigma is damped by ``damping * mean(diag(Sigma)) * I`` before fitting.
@@ -63,13 +71,43 @@ class MethodConfig:
 
 
 @dataclass(frozen=True)
+class Fit:
+    """What a method's solver returns for one layer.
+
+    ``factors``: the builder's arguments (``kind``'s factor list; ``lrs`` / ``sparse``: one
+    :class:`ddtd.solvers.lrs.LRSResult`); ``rel_error``: the solver's relative squared error of
+    what it fitted; ``history``: its error history; ``info``: method extras for the report
+    (``sensitivity_before`` / ``sensitivity_after`` for CP, ``rank`` / ``nnz`` / ``bytes`` for
+    low-rank + sparse).
+    """
+
+    factors: list
+    rel_error: float
+    history: list
+    info: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Method:
-    """A registered method: how to solve and what it fits."""
+    """A registered method: how to solve, what it builds and how it is sized.
+
+    ``kind``: the layer format it builds (a builder of :mod:`ddtd.layers`: ``svd``,
+    ``tucker2``, ``cp3``, ``cp4``, or ``lrs`` for :class:`ddtd.layers.LowRankSparse`).
+    ``sizing``: ``"ranks"`` (the plan gives ranks of ``kind``) or ``"budget"`` (the plan gives a
+    storage budget in 4-byte units: the parameters an svd of the allocated rank would have).
+    """
 
     name: str
-    solve: Callable  # (weight, sigma | None, ranks, config, name) -> (factors list, rel_error, history)
+    solve: Callable  # (weight, sigma | None, ranks, config, name) -> Fit
     conv_only: bool  # needs a k x k conv with several input channels per group
     description: str
+    kind: str = ""
+    sizing: str = "ranks"
+    grouped: bool = True  # handles grouped / depthwise convs
+
+    def __post_init__(self):
+        if not self.kind:
+            object.__setattr__(self, "kind", self.name)
 
 
 def layer_dims(layer: nn.Module) -> tuple[int, int, int, int, int]:
@@ -93,29 +131,137 @@ def applicable(method: str, layer: nn.Module) -> tuple[bool, str]:
         return False, f"{method} on a 1x1 conv is an SVD with extra layers; use svd"
     if m.conv_only and S == 1:
         return False, f"{method} needs several input channels per group (depthwise conv)"
+    if not m.grouped and g > 1:
+        return False, f"{method} does not handle grouped convs"
     return True, ""
+
+
+def _options(cfg: MethodConfig, method: str) -> dict:
+    """The solver options of ``cfg.options`` meant for ``method``: ``options[method]``."""
+    return dict(cfg.options.get(method, {}))
 
 
 def _svd(weight, sigma, ranks, cfg: MethodConfig, name):
     r = sigma_svd(weight, sigma, int(ranks), damping=cfg.damping_for("svd") if sigma is not None else 0.0, name=name)
-    return [r.A, r.B], r.rel_error, [r.rel_error]
+    return Fit([r.A, r.B], r.rel_error, [r.rel_error])
 
 
 def _tucker2(weight, sigma, ranks, cfg: MethodConfig, name):
     r = tucker2(weight, sigma, tuple(ranks), max_iter=cfg.max_iter, tol=cfg.tol, seed=cfg.seed,
-                damping=cfg.damping_for("tucker2") if sigma is not None else 0.0, name=name, **cfg.options)
-    return [r.U, r.core, r.V], r.rel_error, list(r.history)
+                damping=cfg.damping_for("tucker2") if sigma is not None else 0.0, name=name,
+                **_options(cfg, "tucker2"))
+    return Fit([r.U, r.core, r.V], r.rel_error, list(r.history))
+
+
+def _cp_factors(r, layout):
+    return [r.A, r.B, r.C] if layout == "cp3" else [r.A, r.B, r.C, r.E]
 
 
 def _cp(layout):
     def solve(weight, sigma, ranks, cfg: MethodConfig, name):
+        from .solvers.stable_cp import balance, sensitivity
+
         r = cp_als(weight, sigma, int(ranks), layout=layout, max_iter=cfg.max_iter, tol=cfg.tol,
                    seed=cfg.seed, damping=cfg.damping_for(layout) if sigma is not None else 0.0, name=name,
-                   **cfg.options)
-        factors = [r.A, r.B, r.C] if layout == "cp3" else [r.A, r.B, r.C, r.E]
-        return factors, r.rel_error, list(r.history)
+                   **_options(cfg, layout))
+        factors = _cp_factors(r, layout)
+        ss = sensitivity(*balance(*factors))
+        return Fit(factors, r.rel_error, list(r.history),
+                   {"sensitivity_before": ss, "sensitivity_after": ss})
 
     return solve
+
+
+def _stable_cp(layout):
+    """CP-ALS, then the sensitivity-minimising CPD-EPC at the CP-ALS error (seed 000)."""
+
+    def solve(weight, sigma, ranks, cfg: MethodConfig, name):
+        from .solvers.stable_cp import stable_cp
+
+        opts = _options(cfg, f"{layout}-stable")
+        damping = cfg.damping_for(layout) if sigma is not None else 0.0
+        init = cp_als(weight, sigma, int(ranks), layout=layout, max_iter=cfg.max_iter, tol=cfg.tol,
+                      seed=cfg.seed, damping=damping, name=name, **_options(cfg, layout))
+        r = stable_cp(weight, sigma, int(ranks), layout=layout, init=init, damping=damping,
+                      max_sweeps=opts.get("max_sweeps", 30), tol=opts.get("sweep_tol", 1e-3),
+                      direct_max=opts.get("direct_max", 1024), name=name)
+        return Fit(_cp_factors(r, layout), r.rel_error, list(r.history),
+                   {"sensitivity_before": float(r.sensitivity_before),
+                    "sensitivity_after": float(r.sensitivity_after),
+                    "cp_als_error": float(init.rel_error)})
+
+    return solve
+
+
+def _groups_of(weight, sigma):
+    return sigma.shape[0] if sigma is not None and sigma.dim() == 3 else None
+
+
+def _lrs_sigma(sigma):
+    """Squeeze a single group's ``(1, D, D)`` covariance to ``(D, D)``."""
+    if sigma is not None and sigma.dim() == 3 and sigma.shape[0] == 1:
+        return sigma[0]
+    return sigma
+
+
+def _lrs_info(res) -> dict:
+    return {"rank": list(res.rank), "nnz": int(res.nnz), "bytes": int(res.nbytes()),
+            "lowrank": res.lowrank}
+
+
+def _lrs(weight, sigma, budget, cfg: MethodConfig, name):
+    """Low-rank + sparse at a storage budget (4-byte units): the split between rank and
+    nonzeros is ``options['sparsity']`` (the fraction of the budget spent on the sparse part's
+    values and indices) or, by default, the split with the lowest Sigma error
+    (:func:`ddtd.solvers.lrs.split_budget`), refitted with ``max_iter`` rounds."""
+    from .solvers import lrs as L
+
+    opts = _options(cfg, "lrs")
+    kw = {k: opts[k] for k in ("mode", "init", "lowrank", "candidates", "switch_tol") if k in opts}
+    iters = int(opts.get("iters", min(cfg.max_iter, 20)))
+    groups = opts.get("groups")
+    sig = _lrs_sigma(sigma)
+    extra = {"groups": groups} if groups else {}
+    lowrank = kw.pop("lowrank", "svd")
+    sparsity = opts.get("sparsity")
+    budget = int(budget)
+    T = weight.shape[0]
+    D = int(math.prod(weight.shape[1:]))
+    if sparsity is None:
+        rank, nnz, res, _ = L.split_budget(weight, sig, budget, lowrank=lowrank, name=name,
+                                           max_iter=int(opts.get("split_iter", 4)), **extra, **kw)
+        if iters > int(opts.get("split_iter", 4)):
+            res = L.lowrank_sparse(weight, sig, rank, nnz, lowrank=lowrank, max_iter=iters, name=name,
+                                   **extra, **kw)
+    else:
+        if not 0.0 <= float(sparsity) <= 1.0:
+            raise InputError(f"layer '{name}': sparsity {sparsity} outside [0, 1]",
+                             hint="--sparsity is the fraction of each layer's bytes given to the sparse part")
+        nnz = min(int(float(sparsity) * budget) // (1 + L.INDEX_UNITS), T * D)
+        rest = budget - nnz * (1 + L.INDEX_UNITS)
+        g = groups or _groups_of(weight, sig) or 1
+        per_rank = L.lowrank_params(tuple(weight.shape), "svd", 1, groups=g)
+        cap = min(T, D) if weight.dim() == 4 and weight.shape[1] == 1 else min(T // g, D)
+        rank = max(0, min(int(rest // max(1, per_rank)), cap))
+        res = L.lowrank_sparse(weight, sig, rank, nnz, lowrank="svd", max_iter=iters, name=name,
+                               **extra, **kw)
+    return Fit([res], res.rel_error, list(res.history), _lrs_info(res))
+
+
+def _sparse(weight, sigma, budget, cfg: MethodConfig, name):
+    """Pruning only, at a storage budget: the Frobenius norm keeps the largest weights
+    (magnitude pruning), the Sigma norm keeps the largest ``|W_ij| sqrt(Sigma_jj)`` and re-solves
+    the kept values in the Sigma metric."""
+    from .solvers import lrs as L
+
+    opts = _options(cfg, "sparse")
+    T = weight.shape[0]
+    D = int(math.prod(weight.shape[1:]))
+    nnz = min(int(budget) // (1 + L.INDEX_UNITS), T * D)
+    extra = {"groups": opts["groups"]} if opts.get("groups") else {}
+    fn = L.sigma_prune if sigma is not None else L.magnitude_prune
+    res = fn(weight, _lrs_sigma(sigma), nnz, name=name, **extra)
+    return Fit([res], res.rel_error, list(res.history), _lrs_info(res))
 
 
 METHODS: dict[str, Method] = {
@@ -123,7 +269,20 @@ METHODS: dict[str, Method] = {
     "tucker2": Method("tucker2", _tucker2, True, "1x1 to R2, k x k R2 -> R1, 1x1 to T"),
     "cp3": Method("cp3", _cp("cp3"), True, "1x1 to R, depthwise k x k, 1x1 to T"),
     "cp4": Method("cp4", _cp("cp4"), True, "1x1 to R, depthwise k x 1, depthwise 1 x k, 1x1 to T"),
+    "cp3-stable": Method("cp3-stable", _stable_cp("cp3"), True,
+                         "cp3 of minimal sensitivity at the CP-ALS error (robust to rounding)", kind="cp3"),
+    "cp4-stable": Method("cp4-stable", _stable_cp("cp4"), True,
+                         "cp4 of minimal sensitivity at the CP-ALS error (robust to rounding)", kind="cp4"),
+    "lrs": Method("lrs", _lrs, False, "low rank + sparse (values + int32 indices), same bytes as svd",
+                  kind="lrs", sizing="budget"),
+    "sparse": Method("sparse", _sparse, False, "pruning only (values + int32 indices), same bytes as svd",
+                     kind="lrs", sizing="budget"),
 }
+#: what ``method="auto"`` compares per layer (lowest Sigma error at the allocated size); CP
+#: layers it picks are then made stable (``cp3-stable`` / ``cp4-stable``) unless
+#: ``options['stabilize']`` is False, and ``lrs`` joins when the budget is parameters (it saves
+#: bytes, not multiply-adds).
+AUTO_METHODS = ("svd", "tucker2", "cp3", "cp4")
 
 
 def get_method(name: str) -> Method:
@@ -133,9 +292,13 @@ def get_method(name: str) -> Method:
 
 
 def params_of(method: str, layer: nn.Module, ranks) -> int:
-    """Weights of ``layer`` replaced by ``method`` at ``ranks`` (all groups)."""
+    """Weights of ``layer`` replaced by ``method`` at ``ranks`` (all groups); a budget-sized
+    method's ``ranks`` is its storage budget."""
+    m = get_method(method)
+    if m.sizing == "budget":
+        return int(ranks)
     T, S, kh, kw, g = layer_dims(layer)
-    return g * param_count(method, T // g, S, kh, kw, ranks)
+    return g * param_count(m.kind, T // g, S, kh, kw, ranks)
 
 
 def dense_params_of(layer: nn.Module) -> int:

@@ -37,7 +37,7 @@ from .errors import InputError
 from .layers import (factorized_weight, fold_batchnorm, fold_records, get_module, macs_by_layer,
                      replace_layer)
 from .solvers._common import eigh
-from .methods import METHODS, MethodConfig, applicable, get_method, layer_dims
+from .methods import AUTO_METHODS, METHODS, Fit, MethodConfig, applicable, get_method, layer_dims
 from .ranks import (ErrorBudget, LayerShape, Ratio, allocate, evbmf_rank, format_macs,
                     format_params, resolve_rank, whitened_spectrum)
 
@@ -72,6 +72,7 @@ class LayerReport:
     weight_error: float | None
     seconds: float
     note: str = ""
+    info: dict = field(default_factory=dict)  # method extras: sensitivity before / after, nnz, bytes
 
 
 @dataclass
@@ -191,7 +192,8 @@ def plan(
                 f"layer '{name}' has no entry in the covariance store",
                 hint="calibrate with --layers covering it (or a larger --max-dim), or exclude it with --layers",
             )
-        cands = tuple(m for m in (METHODS if method == "auto" else [method]) if applicable(m, layer)[0])
+        cands = tuple(m for m in (_auto_candidates(budget) if method == "auto" else [method])
+                      if applicable(m, layer)[0])
         if not cands and applicable("svd", layer)[0]:
             cands = ("svd",)  # conv-only formats (tucker2, cp) leave Linear and 1x1 layers to svd
         if not cands:
@@ -211,7 +213,7 @@ def plan(
             spectra[name] = whitened_spectrum(get_module(model, name).weight.detach().cpu(), sigma)
     # Size the layers (svd is the yardstick format for auto: each layer gets a parameter budget,
     # every candidate is then fitted at that budget and the best one kept).
-    fmts = {n: (p.method if method != "auto" else "svd") for n, p in active.items()}
+    fmts = {n: _yardstick(p.method if method != "auto" else "svd") for n, p in active.items()}
     if ratio is not None:
         total = (sum(p.numel() for p in model.parameters()) if budget == "params"
                  else sum(macs.values()))
@@ -239,9 +241,24 @@ def plan(
         r = sizes.get(p.name)
         if r is None:
             p.method, p.reason = None, "would not shrink at its allocated size"
+        elif method != "auto" and get_method(p.method).sizing == "budget":
+            p.ranks = format_params("svd", shapes[p.name], r)  # the bytes of that svd, in 4-byte units
         else:
             p.ranks = r
     return plans, shapes, macs
+
+
+def _auto_candidates(budget: str) -> tuple[str, ...]:
+    """Methods ``auto`` compares; low-rank + sparse only when the budget is parameters (it
+    saves bytes, not multiply-adds)."""
+    return AUTO_METHODS + (("lrs",) if budget == "params" else ())
+
+
+def _yardstick(method: str) -> str:
+    """The format the rank allocation sizes ``method`` with: its own layer format, or svd for
+    the budget-sized methods (which then get the bytes of that svd)."""
+    m = get_method(method)
+    return "svd" if m.sizing == "budget" else m.kind
 
 
 def _named_exactly(layers, name):
@@ -256,11 +273,32 @@ def _svd_budget_request(fmt, shape, r):
     return Ratio(max(1.0001, shape.dense_params / max(1, format_params("svd", shape, r))))
 
 
-def _ranks_for_format(fmt: str, shape: LayerShape, svd_rank: int):
-    """Ranks of ``fmt`` with (at most) the parameters of an svd of rank ``svd_rank``."""
-    if fmt == "svd":
+def _ranks_for_format(method: str, shape: LayerShape, svd_rank: int):
+    """Ranks of ``method`` with (at most) the parameters of an svd of rank ``svd_rank`` (a
+    budget-sized method gets that many 4-byte units)."""
+    m = get_method(method)
+    if m.sizing == "budget":
+        return format_params("svd", shape, svd_rank)
+    if m.kind == "svd":
         return svd_rank
-    return resolve_rank(_svd_budget_request(fmt, shape, svd_rank), fmt, shape)
+    return resolve_rank(_svd_budget_request(m.kind, shape, svd_rank), m.kind, shape)
+
+
+def layer_macs(method: str, shape: LayerShape, ranks) -> int:
+    """Multiply-adds per image of a layer replaced by ``method`` (a low-rank + sparse layer runs
+    its merged dense weight: the original layer's count)."""
+    m = get_method(method)
+    if m.kind == "lrs":
+        return shape.dense_macs
+    return format_macs(m.kind, shape, ranks)
+
+
+def dense_weight(layer: nn.Module, method: str, factors: list, name: str | None = None) -> torch.Tensor:
+    """The dense weight ``W~`` a method's factors represent, shaped like ``layer.weight``."""
+    m = get_method(method)
+    if m.kind == "lrs":
+        return factors[0].kernel().reshape(layer.weight.shape)
+    return factorized_weight(layer, m.kind, *factors, name=name)
 
 
 def _split(t: torch.Tensor, g: int) -> torch.Tensor:
@@ -290,15 +328,17 @@ def solve(
 
     Returns:
         dict with ``factors``, ``bias``, ``sigma_error`` (relative, centred, the fitted target),
-        ``weight_error`` (``||W - W~||_F / ||W||_F``), ``history``.
+        ``weight_error`` (``||W - W~||_F / ||W||_F``), ``history``, ``info`` (method extras).
     """
     W = layer.weight.detach()
     Wt = W if target is None else target
     g = sigma_c.shape[0]
-    factors, rel, history = get_method(method).solve(
-        Wt, sigma_c.to(torch.float64) if cfg.norm == "sigma" else None, ranks, cfg, name
-    )
-    W_new = factorized_weight(layer, method, *factors, name=name).to(torch.float64)
+    m = get_method(method)
+    if m.sizing == "budget" and g > 1:
+        cfg = _with_option(cfg, method, groups=g)
+    fit: Fit = m.solve(Wt, sigma_c.to(torch.float64) if cfg.norm == "sigma" else None, ranks, cfg, name)
+    factors, rel, history = fit.factors, fit.rel_error, fit.history
+    W_new = dense_weight(layer, method, factors, name=name).to(torch.float64)
     d_target = _split(Wt.to(torch.float64) - W_new.reshape(Wt.shape), g)
     sig = sigma_c.to(torch.float64)
     num = sum(torch.trace(d_target[i] @ sig[i] @ d_target[i].T) for i in range(g))
@@ -319,17 +359,36 @@ def solve(
         bias = layer.bias.detach().clone() if layer.bias is not None else None
     weight_error = float((W.to(torch.float64) - W_new.reshape(W.shape)).norm() / W.to(torch.float64).norm().clamp_min(1e-30))
     return {"factors": factors, "bias": bias, "sigma_error": sigma_error, "solver_error": rel,
-            "weight_error": weight_error, "history": history}
+            "weight_error": weight_error, "history": history, "info": dict(fit.info)}
+
+
+def _with_option(cfg: MethodConfig, method: str, **kw) -> MethodConfig:
+    from dataclasses import replace as _replace
+
+    opts = dict(cfg.options)
+    opts[method] = {**opts.get(method, {}), **kw}
+    return _replace(cfg, options=opts)
 
 
 def assemble(model: nn.Module, fits: dict[str, tuple[str, list, torch.Tensor | None]]) -> list[dict]:
     """Swap fitted layers into ``model`` (in place) by qualified name.
 
     ``fits`` maps a layer name to ``(method, factors, bias)`` as returned by :func:`solve`; each
-    layer becomes a plain ``nn.Sequential`` of ``nn.Conv2d`` / ``nn.Linear``. Returns the
-    replacement records that :func:`ddtd.model_io.load_model` replays on a fresh architecture.
+    layer becomes a plain ``nn.Sequential`` of ``nn.Conv2d`` / ``nn.Linear`` (low-rank + sparse:
+    a :class:`ddtd.layers.LowRankSparse`). Returns the replacement records that
+    :func:`ddtd.model_io.load_model` replays on a fresh architecture.
     """
-    return [replace_layer(model, name, kind, factors, bias) for name, (kind, factors, bias) in fits.items()]
+    return [replace_layer(model, name, get_method(m).kind, factors, bias)
+            for name, (m, factors, bias) in fits.items()]
+
+
+def stored_units(module: nn.Module, *, exclude_bias: bool = False) -> int:
+    """Stored numbers of ``module``: its parameters plus the int32 index buffers of sparse
+    parts (one 4-byte unit each), so low-rank + sparse layers are counted honestly against
+    dense and factorized ones."""
+    n = sum(q.numel() for k, q in module.named_parameters() if not (exclude_bias and k.endswith("bias")))
+    n += sum(b.numel() for k, b in module.named_buffers() if k == "index" or k.endswith(".index"))
+    return n
 
 
 class _Stop(Exception):
@@ -539,17 +598,23 @@ def compress(
             if best is None or score < best[0]:
                 best = (score, m, r, out)
         _, m, r, out = best
+        if method == "auto" and m in ("cp3", "cp4") and cfg.options.get("auto", {}).get("stabilize", True):
+            # same error bound, lower sensitivity: robust to rounding and to upstream errors
+            m = f"{m}-stable"
+            out = solve(p.name, layer, m, r, cfg, sig.to(dev), mean.to(dev),
+                        target=target, mean_in=None if mean_in is None else mean_in.to(dev))
         records += assemble(work, {p.name: (m, out["factors"], out["bias"])})
         new = get_module(work, p.name)
-        after = sum(q.numel() for n_, q in new.named_parameters() if not n_.endswith("bias"))
+        after = stored_units(new, exclude_bias=True)
         report.layers.append(LayerReport(
             p.name, type(layer).__name__, m, list(r) if isinstance(r, tuple) else r, before, after, mac_b,
-            format_macs(m, shapes[p.name], r), out["sigma_error"], out["weight_error"], time.time() - ts))
+            layer_macs(m, shapes[p.name], r), out["sigma_error"], out["weight_error"], time.time() - ts,
+            info=out["info"]))
         log.info("%s: %s ranks %s, %d -> %d params, Sigma error %.4f", p.name, m, r, before, after,
                  out["sigma_error"])
     t_solve = time.time() - t_solve
     report.params_before = params_before
-    report.params_after = sum(q.numel() for q in work.parameters())
+    report.params_after = stored_units(work)
     report.macs_before = sum(macs.values())
     report.macs_after = sum(macs_by_layer(work, (1, *input_shape)).values())
     report.seconds = {"calibrate": t_cal, "solve": t_solve, "total": time.time() - t0}

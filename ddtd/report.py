@@ -19,20 +19,38 @@ def _fmt_ranks(r) -> str:
     return "x".join(str(v) for v in r) if isinstance(r, (list, tuple)) else str(r)
 
 
+def _shown_ranks(r):
+    """lrs / sparse rows show ``rank+nnz`` (their plan entry is a byte budget)."""
+    info = getattr(r, "info", None) or {}
+    if "nnz" in info:
+        return f"r{_fmt_ranks(info.get('rank'))}+{info['nnz']}nz"
+    return r.ranks
+
+
+def _sensitivity(r) -> str:
+    """CP rows: sensitivity of the (balanced) CP-ALS factors -> of the returned ones."""
+    info = getattr(r, "info", None) or {}
+    if "sensitivity_after" not in info:
+        return "-"
+    b, a = info.get("sensitivity_before"), info["sensitivity_after"]
+    return f"{b:.3g}->{a:.3g}" if b is not None and b != a else f"{a:.3g}"
+
+
 def _num(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else (f"{n / 1e3:.1f}k" if n >= 1e3 else str(n))
 
 
 def format_report(report: Report) -> str:
     """Per-layer table (method, ranks, parameters and multiply-adds before / after, Sigma and
-    weight errors) and totals."""
+    weight errors, CP sensitivity before / after) and totals.  Parameters of low-rank + sparse
+    layers count their int32 indices too (one 4-byte unit each)."""
     rows = [("layer", "type", "method", "ranks", "params", "-> after", "MACs", "-> after",
-             "Sigma err", "weight err", "note")]
+             "Sigma err", "weight err", "sensitivity", "note")]
     for r in report.layers:
-        rows.append((r.name, r.type, r.method, _fmt_ranks(r.ranks), _num(r.params_before), _num(r.params_after),
-                     _num(r.macs_before), _num(r.macs_after),
+        rows.append((r.name, r.type, r.method, _fmt_ranks(_shown_ranks(r)), _num(r.params_before),
+                     _num(r.params_after), _num(r.macs_before), _num(r.macs_after),
                      "-" if r.sigma_error is None else f"{r.sigma_error:.4f}",
-                     "-" if r.weight_error is None else f"{r.weight_error:.4f}", r.note))
+                     "-" if r.weight_error is None else f"{r.weight_error:.4f}", _sensitivity(r), r.note))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "-" * len(lines[0]))

@@ -74,8 +74,14 @@ def test_every_method_compresses_and_reports(net, data, method):
     assert rows and all(r.params_after < r.params_before for r in rows)
     assert all(0 <= r.sigma_error < 1 for r in rows)
     assert _out_err(net, res.model, data) < 0.5
-    assert all(isinstance(m, (nn.Conv2d, nn.Linear, nn.Sequential, nn.ReLU, nn.MaxPool2d, nn.Identity,
-                              nn.AdaptiveAvgPool2d, nn.Flatten)) for m in res.model.modules())
+    from ddtd.layers.sparse import LowRankSparse, SharedBasis
+
+    plain = (nn.Conv2d, nn.Linear, nn.Sequential, nn.ReLU, nn.MaxPool2d, nn.Identity, nn.AdaptiveAvgPool2d,
+             nn.Flatten)
+    for m in res.model.modules():  # plain PyTorch (a sparse part is a module of its own)
+        assert isinstance(m, plain + (LowRankSparse, SharedBasis)), type(m)
+        if method != "auto":
+            assert isinstance(m, plain), type(m)
 
 
 def test_sigma_beats_frobenius_on_output_error(net, data):
@@ -222,3 +228,67 @@ def test_conv_only_methods_fall_back_to_svd_for_linear_layers(net, data):
     kinds = {r.name: r.method for r in res.report.layers}
     assert kinds["19"] == "svd" and kinds["21"] == "svd"  # the two Linear layers
     assert any(m == "tucker2" for m in kinds.values())
+
+
+# --------------------------------------------------------------------------- stable CP and low-rank + sparse
+
+def _tiny_cnn():
+    torch.manual_seed(0)
+    return _randomise_bn(small_cnn(width=8))
+
+
+@pytest.mark.parametrize("method", ["cp3-stable", "cp4-stable", "lrs", "sparse"])
+def test_new_methods_compress_save_and_reload(tmp_path, data, method):
+    """Every registered method compresses, reports its extras, and its file reloads with
+    weights_only=True to identical outputs."""
+    from ddtd.layers.sparse import LowRankSparse
+
+    net = _tiny_cnn()
+    net.ddtd_spec = {"source": "factory", "name": "test_compress:small_cnn", "kwargs": {"width": 8}}
+    res = compress(net, data, ratio=2.0, method=method, config=MethodConfig(max_iter=10), show_progress=False)
+    rows = [r for r in res.report.layers if r.method not in ("dense", "svd")]
+    assert rows and all(r.method == method for r in rows)
+    assert abs(res.report.ratio / 2.0 - 1) <= 0.02, res.report.ratio
+    if method.endswith("-stable"):
+        for r in rows:  # never more sensitive than the CP-ALS start, same error bound
+            assert r.info["sensitivity_after"] <= r.info["sensitivity_before"] * (1 + 1e-9)
+    else:
+        lrs = [m for m in res.model.modules() if isinstance(m, LowRankSparse)]
+        assert len(lrs) == len(rows)
+        for r in rows:  # indices are counted: values + int32 indices + factors
+            assert r.params_after * 4 == r.info["bytes"]
+    out = tmp_path / "m.ddtd"
+    save_model(res.model, out, replacements=res.records)
+    reloaded = load_model(out)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(data[:8]), res.model(data[:8]), rtol=1e-5, atol=1e-6)
+
+
+def test_lowrank_sparse_beats_lowrank_only_and_pruning_only_at_equal_bytes(data):
+    """Same byte budget per layer: ddtd's low-rank + sparse fit has a lower held-out output
+    error than the svd (low rank only) and magnitude pruning (sparse only, Frobenius)."""
+    net = _tiny_cnn()
+    kw = dict(ratio=2.0, strategy="uniform", show_progress=False, config=MethodConfig(max_iter=10))
+    fit = compress(net, data[:64], method="lrs", **kw)
+    low = compress(net, data[:64], method="svd", **kw)
+    mag = compress(net, data[:64], method="sparse", norm="frobenius", **kw)
+    assert fit.report.params_after <= low.report.params_after * 1.001
+    held = data[64:]
+    e_fit, e_low, e_mag = (_out_err(net, r.model, held) for r in (fit, low, mag))
+    assert e_fit < e_low and e_fit < e_mag, (e_fit, e_low, e_mag)
+
+
+def test_cli_accepts_the_new_methods(tmp_path):
+    torch.manual_seed(0)
+    net = _tiny_cnn()
+    net.ddtd_spec = {"source": "factory", "name": "test_compress:small_cnn", "kwargs": {"width": 8}}
+    src = tmp_path / "net.ddtd"
+    save_model(net, src)
+    imgs = tmp_path / "imgs"
+    write_images(imgs, 16, size=(16, 16))
+    out = tmp_path / "c.ddtd"
+    assert main(["compress", "--model", str(src), "--images", str(imgs), "--size", "16", "--ratio", "2",
+                 "--method", "lrs", "--sparsity", "0.5", "-o", str(out)]) == 0
+    rep = torch.load(out, weights_only=True)["report"]
+    rows = [r for r in rep["layers"] if r["method"] == "lrs"]
+    assert rows and all(r["info"]["nnz"] > 0 for r in rows)

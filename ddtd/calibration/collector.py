@@ -135,8 +135,9 @@ class MomentCollector:
                 model(batch)
         stats = col.moments  # {qualified name: LayerMoments}
 
-    ``conv_method`` picks the conv moment algorithm (see :func:`conv_input_moments`; ``"unfold"``
-    is the naive reference, kept for benchmarks). Layers whose patch length exceeds ``max_dim``
+    ``conv_method`` picks the conv moment algorithm (see :func:`conv_moment_blocks`; the default
+    ``"auto"`` uses fast Toom-Cook lag correlations where they are cheaper, ``"auto-direct"`` one
+    GEMM per lag, ``"unfold"`` is the naive reference, kept for benchmarks). Layers whose patch length exceeds ``max_dim``
     are not hooked; ``skipped`` maps their name to
     the reason. Every batch is checked for NaN / Inf: a :class:`NumericalError` names the first
     layer whose input was not finite.

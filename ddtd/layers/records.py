@@ -9,6 +9,8 @@ A record is a dict of str / int / bool / list / None only:
   geometry: ``{"type": "Conv2d", "in_channels", "out_channels", "kernel_size": [kh, kw],
   "stride": [..], "padding": [..] | "same" | "valid", "dilation": [..], "groups",
   "padding_mode", "bias"}`` or ``{"type": "Linear", "in_features", "out_features", "bias"}``.
+* low-rank + sparse: ``{"kind": "lrs", "name", "layer", "ranks": [], "bias", "desc":
+  LowRankSparse.describe()}`` (rebuilt with :meth:`LowRankSparse.from_description`).
 * BatchNorm fold: ``{"kind": "fold_bn", "conv": conv name, "bn": bn name}``.
 
 :func:`apply_replacements` replays the records in order on a freshly built architecture: it
@@ -33,7 +35,7 @@ from .surgery import get_module, set_module
 __all__ = ["KINDS", "layer_spec", "describe_replacement", "describe_fold", "fold_records",
            "replace_layer", "apply_replacements"]
 
-KINDS = ("dense",) + FORMATS
+KINDS = ("dense",) + FORMATS + ("lrs",)
 
 
 def _as_list(v) -> list | str:
@@ -58,7 +60,7 @@ def layer_spec(layer: nn.Module, name: str | None = None) -> dict:
 
 
 def _norm_ranks(kind: str, ranks, layer: nn.Module, name: str) -> list[int]:
-    if kind == "dense":
+    if kind in ("dense", "lrs"):
         if ranks not in (None, [], ()):
             raise InputError(f"layer '{name}': a dense record takes no ranks, got {ranks!r}",
                              hint="pass ranks=None for kind 'dense'")
@@ -109,6 +111,17 @@ def replace_layer(model: nn.Module, name: str, kind: str, factors: Sequence = ()
     layer = get_module(model, name)
     if kind not in KINDS:
         raise InputError(f"layer '{name}': unknown kind {kind!r}", hint=f"use one of {KINDS}")
+    if kind == "lrs":
+        from .sparse import LowRankSparse
+
+        if len(factors) != 1:
+            raise InputError(f"layer '{name}': kind 'lrs' takes one LRSResult, got {len(factors)} factors",
+                             hint="pass [lowrank_sparse(...)]")
+        new = LowRankSparse.from_result(layer, factors[0], bias, name=name)
+        rec = describe_replacement(name, kind, layer, None, bias=new.bias is not None)
+        rec["desc"] = new.describe()
+        set_module(model, name, new)
+        return rec
     new = build(kind, layer, list(factors), bias, name=name)
     if kind == "dense":
         ranks = None
@@ -128,6 +141,8 @@ def _check_record(rec, i: int) -> None:
         raise InputError(f"record {i} is not a replacement record: {rec!r}",
                          hint="pass the list made by describe_replacement / describe_fold")
     need = ("conv", "bn") if rec["kind"] == "fold_bn" else ("name", "layer", "ranks", "bias")
+    if rec["kind"] == "lrs":
+        need += ("desc",)
     missing = [k for k in need if k not in rec]
     if rec["kind"] not in KINDS + ("fold_bn",) or missing:
         raise InputError(f"record {i} ({rec.get('kind')!r}) is malformed; missing {missing}",
@@ -168,6 +183,12 @@ def _apply_one(model: nn.Module, rec: dict) -> None:
     dev, dt = layer.weight.device, layer.weight.dtype
     T = layer.weight.shape[0]
     bias = torch.zeros(T, dtype=dt, device=dev) if rec["bias"] else None
+    if kind == "lrs":
+        from .sparse import LowRankSparse
+
+        desc = dict(rec["desc"], bias=bool(rec["bias"]))
+        set_module(model, name, LowRankSparse.from_description(desc, dtype=dt, device=dev, name=name))
+        return
     if kind == "dense":
         factors = []
     else:

@@ -5,6 +5,13 @@ compactly: ``values (nnz,)`` (a parameter) and ``index (nnz,)`` (an ``int32`` bu
 flat position ``t * D + d`` in the ``T x D`` weight matrix, ``D = S*kh*kw`` in unfold order).
 So the state dict holds exactly the factors, ``nnz`` values, ``nnz`` int32 indices and the bias.
 
+Grouped convs (weight ``(T, S/g, kh, kw)``): the matrix is ``(T, D_g)``, ``D_g = (S/g) kh kw``
+(flat index ``t * D_g + d`` = the position in the kernel tensor).  ``S/g > 1``: the low-rank part
+is the grouped chain of :func:`ddtd.layers.builders.build_svd` / ``build_tucker2`` (factors with
+a leading group dim).  Depthwise (``S/g = 1``, ``g > 1``) with 2-D svd factors ``A (T, r)``,
+``B (r, kh*kw)``: :class:`SharedBasis`, every output filter a combination of ``r`` shared basis
+filters (``r (T + kh kw)`` parameters; ``'chain'`` runs the basis on every channel, then mixes).
+
 Forward (``forward_mode``), all exact w.r.t. the dense ``W~ = L + S``:
 
 * ``'merged'`` (default): build ``W~ = L + scatter(index, values)`` (``T*r*D`` multiply-adds for
@@ -15,8 +22,8 @@ Forward (``forward_mode``), all exact w.r.t. the dense ``W~ = L + S``:
   budget leaves (5-25%) is slower than the dense matmul it replaces.  The point of the format
   is storage (bytes), not speed.
 * ``'chain'``: ``chain(x)`` + a conv / linear with the densified sparse weight.
-* ``'sparse'``: ``chain(x)`` + ``torch.sparse.mm`` (Linear and 1x1 convs with stride 1 and no
-  padding; other convs fall back to ``'chain'``).
+* ``'sparse'``: ``chain(x)`` + ``torch.sparse.mm`` (Linear and ungrouped 1x1 convs with stride
+  1 and no padding; other convs fall back to ``'chain'``).
 
 Rebuild: :meth:`LowRankSparse.describe` returns plain data; :meth:`LowRankSparse.from_description`
 builds the same module with placeholder tensors, so ``load_state_dict`` of a state dict loaded
@@ -36,7 +43,7 @@ from ddtd.errors import InputError
 
 from .builders import build_svd, build_tucker2
 
-__all__ = ["LowRankSparse", "FORWARD_MODES", "layer_from_spec"]
+__all__ = ["LowRankSparse", "SharedBasis", "FORWARD_MODES", "layer_from_spec"]
 
 FORWARD_MODES = ("merged", "chain", "sparse")
 
@@ -51,21 +58,17 @@ def _pair(v):
 
 def _spec_of(layer: nn.Module, name=None) -> dict:
     if isinstance(layer, nn.Conv2d):
-        if layer.groups != 1:
-            raise InputError(f"{_where(name)}: LowRankSparse supports groups=1 convs only "
-                             f"(groups={layer.groups})",
-                             hint="leave grouped / depthwise convs dense or prune them")
         pad = layer.padding if isinstance(layer.padding, str) else _pair(layer.padding)
         return {"type": "Conv2d", "in_channels": int(layer.in_channels),
                 "out_channels": int(layer.out_channels), "kernel_size": _pair(layer.kernel_size),
                 "stride": _pair(layer.stride), "padding": pad, "dilation": _pair(layer.dilation),
-                "groups": 1, "padding_mode": str(layer.padding_mode),
+                "groups": int(layer.groups), "padding_mode": str(layer.padding_mode),
                 "bias": layer.bias is not None}
     if isinstance(layer, nn.Linear):
         return {"type": "Linear", "in_features": int(layer.in_features),
                 "out_features": int(layer.out_features), "bias": layer.bias is not None}
     raise InputError(f"{_where(name)}: cannot build LowRankSparse for {type(layer).__name__}",
-                     hint="only nn.Conv2d (groups=1) and nn.Linear layers")
+                     hint="only nn.Conv2d (any groups) and nn.Linear layers")
 
 
 def layer_from_spec(spec: dict, *, bias: bool | None = None, dtype=None, device=None) -> nn.Module:
@@ -88,16 +91,98 @@ def layer_from_spec(spec: dict, *, bias: bool | None = None, dtype=None, device=
     return m
 
 
+def _pad_geometry(spec: dict) -> tuple:
+    """``F.pad`` amounts ``(left, right, top, bottom)`` of a conv spec (PyTorch's split for
+    ``'same'``: ``left = d (k - 1) // 2``)."""
+    kh, kw = spec["kernel_size"]
+    dh, dw = spec["dilation"]
+    if spec["padding"] == "valid":
+        return (0, 0, 0, 0)
+    if spec["padding"] == "same":
+        th, tw = dh * (kh - 1), dw * (kw - 1)
+        return (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+    ph, pw = spec["padding"]
+    return (pw, pw, ph, ph)
+
+
+def _conv_spec(x, w, b, spec: dict, groups: int):
+    """``conv2d`` with the geometry of ``spec`` (stride, padding incl. ``'same'``, dilation,
+    padding_mode) and ``groups``."""
+    if spec["padding_mode"] != "zeros":
+        x = F.pad(x, _pad_geometry(spec), mode=spec["padding_mode"])
+        return F.conv2d(x, w, b, tuple(spec["stride"]), 0, tuple(spec["dilation"]), groups)
+    pad = spec["padding"] if isinstance(spec["padding"], str) else tuple(spec["padding"])
+    return F.conv2d(x, w, b, tuple(spec["stride"]), pad, tuple(spec["dilation"]), groups)
+
+
+class SharedBasis(nn.Module):
+    """Low-rank part of a depthwise conv (``S/g = 1``): ``K~[t, 0] = sum_j A[t, j] B[j]``, i.e.
+    ``r`` basis filters ``B (r, kh, kw)`` shared by all channels and mixing coefficients
+    ``A (T, r)``; ``r (T + kh kw)`` weights (:func:`ddtd.solvers.lrs.lowrank_sparse` fits it).
+
+    Forward (the chain): every input channel is convolved with the ``r`` basis filters (one conv
+    of the ``(N C, 1, H, W)`` view with the original geometry), then output channel ``t`` mixes
+    the ``r`` responses of its input channel ``t // (T/C)`` with ``A[t]``.  Exact: conv is linear
+    in the kernel, and padding acts per channel.
+
+    Args:
+        A: ``(T, r)``; B: ``(r, kh*kw)`` or ``(r, kh, kw)``.
+        spec: the depthwise conv's spec (``LowRankSparse`` geometry dict).
+    """
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, spec: dict, name: str | None = None):
+        super().__init__()
+        kh, kw = spec["kernel_size"]
+        T, C = spec["out_channels"], spec["in_channels"]
+        A = torch.as_tensor(A)
+        B = torch.as_tensor(B)
+        r = A.shape[1] if A.dim() == 2 else -1
+        if A.dim() != 2 or A.shape[0] != T or B.numel() != r * kh * kw or B.shape[0] != r:
+            raise InputError(f"{_where(name)}: shared-basis factors A {tuple(A.shape)}, B "
+                             f"{tuple(B.shape)} do not fit a depthwise conv with T={T}, kernel "
+                             f"{kh}x{kw}", hint=f"expected A ({T}, r) and B (r, {kh * kw})")
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise InputError(f"{_where(name)}: shared-basis factors contain NaN or Inf",
+                             hint="re-run the solver for this layer")
+        self.spec = dict(spec)
+        self.T, self.C, self.kh, self.kw = int(T), int(C), int(kh), int(kw)
+        self.A = nn.Parameter(A.detach().clone())
+        self.B = nn.Parameter(B.detach().reshape(r, kh, kw).clone())
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[1])
+
+    def kernel(self) -> torch.Tensor:
+        """``(T, 1, kh, kw)``."""
+        return (self.A @ self.B.reshape(self.rank, -1)).reshape(self.T, 1, self.kh, self.kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        y = _conv_spec(x.reshape(n * c, 1, h, w), self.B[:, None], None, self.spec, 1)
+        y = y.reshape(n, c, self.rank, *y.shape[-2:])
+        if self.T != c:
+            y = y.repeat_interleave(self.T // c, dim=1)
+        return torch.einsum("ntrhw,tr->nthw", y, self.A)
+
+    def extra_repr(self) -> str:
+        return f"T={self.T}, r={self.rank}, kernel={self.kh}x{self.kw}"
+
+
 class LowRankSparse(nn.Module):
     """``y = L x + S x + b`` with the original layer's geometry.
 
     Args:
-        layer: the original ``nn.Conv2d`` (groups = 1, any stride / padding / dilation /
-            padding_mode) or ``nn.Linear``; gives geometry, dtype, device.
+        layer: the original ``nn.Conv2d`` (any groups incl. depthwise, stride / padding /
+            dilation / padding_mode) or ``nn.Linear``; gives geometry, dtype, device.
         lowrank: ``'svd'`` (factors ``A (T, r)``, ``B (r, D)``), ``'tucker2'`` (``U (T, R1)``,
             ``core (R1, R2, kh, kw)``, ``V (S, R2)``) or ``'none'`` (pure sparse, ``()``).
+            Grouped (``S/g > 1``): a leading group dim on every factor (``A (g, T/g, r)``,
+            ``B (g, r, D_g)``, ...).  Depthwise: svd factors ``A (T, r)``, ``B (r, kh*kw)``
+            (2-D: :class:`SharedBasis`) or per-group ``(g, T/g, r)``, ``(g, r, kh*kw)``.
         factors: the low-rank factors.
-        indices: ``(nnz, 2)`` int64 ``(t, d)`` or ``(nnz,)`` flat ``t * D + d``.
+        indices: ``(nnz, 2)`` int64 ``(t, d)`` or ``(nnz,)`` flat ``t * D + d`` (grouped:
+            ``D = D_g``).
         values: ``(nnz,)`` additive sparse values (:meth:`LRSResult.sparse_delta`).
         bias: ``(T,)`` or ``None`` (keeps the layer's bias).
         forward_mode: ``'merged'``, ``'chain'`` or ``'sparse'`` (module docstring).
@@ -124,9 +209,14 @@ class LowRankSparse(nn.Module):
         self.T = int(w.shape[0])
         self.D = int(math.prod(w.shape[1:]))
         self.wshape = tuple(w.shape)
+        self.groups = int(spec.get("groups", 1))
         # the chain without bias: a bias-free placeholder of the same geometry
         plain = layer_from_spec(spec, bias=False, dtype=dt, device=dev)
-        if lowrank == "svd":
+        if lowrank == "svd" and self._depthwise() and len(factors) == 2 \
+                and torch.as_tensor(factors[0]).dim() == 2:
+            A, B = (torch.as_tensor(f).detach().to(device=dev, dtype=dt) for f in factors)
+            self.lowrank = SharedBasis(A, B, spec, name=name)
+        elif lowrank == "svd":
             self.lowrank = build_svd(plain, *factors, name=name)
         elif lowrank == "tucker2":
             if spec["type"] != "Conv2d":
@@ -182,17 +272,30 @@ class LowRankSparse(nn.Module):
         return cls(layer, result.lowrank, fac, result.indices, result.sparse_delta(), bias,
                    forward_mode=forward_mode, name=name)
 
+    def _depthwise(self) -> bool:
+        return self.groups > 1 and self.wshape[1] == 1
+
+    def _shared(self) -> bool:
+        return isinstance(self.lowrank, SharedBasis)
+
     def describe(self) -> dict:
-        """Plain-data description (str / int / bool / list only)."""
-        if self.kind == "svd":
-            rank = [int(self.lowrank[0].weight.shape[0])]
+        """Plain-data description (str / int / bool / list only).  ``rank`` is per group for a
+        grouped chain; ``layout`` is ``'shared'`` for a depthwise :class:`SharedBasis`, else
+        ``'chain'``."""
+        g = self.groups
+        if self._shared():
+            rank = [self.lowrank.rank]
+        elif self.kind == "svd":
+            rank = [int(self.lowrank[0].weight.shape[0]) // g]
         elif self.kind == "tucker2":
-            rank = [int(self.lowrank[1].weight.shape[0]), int(self.lowrank[1].weight.shape[1])]
+            rank = [int(self.lowrank[1].weight.shape[0]) // g,
+                    int(self.lowrank[1].weight.shape[1])]
         else:
             rank = [0]
         return {"kind": "lrs", "layer": dict(self.spec), "lowrank": self.kind, "rank": rank,
                 "nnz": int(self.values.numel()), "bias": self.bias is not None,
-                "forward_mode": self.forward_mode, "index_dtype": "int32"}
+                "forward_mode": self.forward_mode, "index_dtype": "int32",
+                "layout": "shared" if self._shared() else "chain"}
 
     @classmethod
     def from_description(cls, desc: dict, *, dtype: torch.dtype = torch.float32, device=None,
@@ -207,14 +310,24 @@ class LowRankSparse(nn.Module):
         layer = layer_from_spec(spec, bias=bool(desc["bias"]), dtype=dtype, device=device)
         T = layer.weight.shape[0]
         D = int(math.prod(layer.weight.shape[1:]))
+        g = int(spec.get("groups", 1)) if spec.get("type") == "Conv2d" else 1
+        Tg = T // g
         z = lambda *s: torch.zeros(*s, dtype=dtype, device=device)  # noqa: E731
         if desc["lowrank"] == "svd":
             r = int(desc["rank"][0])
-            factors = (z(T, r), z(r, D))
+            depthwise = g > 1 and spec["in_channels"] == g
+            layout = desc.get("layout", "shared" if depthwise else "chain")
+            if g == 1 or layout == "shared":
+                factors = (z(T, r), z(r, D))
+            else:
+                factors = (z(g, Tg, r), z(g, r, D))
         elif desc["lowrank"] == "tucker2":
             R1, R2 = (int(x) for x in desc["rank"])
             _, S, kh, kw = layer.weight.shape
-            factors = (z(T, R1), z(R1, R2, kh, kw), z(S, R2))
+            if g == 1:
+                factors = (z(T, R1), z(R1, R2, kh, kw), z(S, R2))
+            else:
+                factors = (z(g, Tg, R1), z(g, R1, R2, kh, kw), z(g, S, R2))
         else:
             factors = ()
         nnz = int(desc["nnz"])
@@ -223,17 +336,21 @@ class LowRankSparse(nn.Module):
 
     # ---------------------------------------------------------------- dense weights
     def lowrank_weight(self) -> torch.Tensor:
-        """``L`` as ``(T, D)``."""
-        ch = self.lowrank
+        """``L`` as ``(T, D)`` (grouped: ``(T, D_g)``, group blocks stacked)."""
+        ch, g, T = self.lowrank, self.groups, self.T
+        if self._shared():
+            return ch.kernel().reshape(T, self.D)
         if self.kind == "svd":
-            A = ch[1].weight.reshape(self.T, -1)
-            B = ch[0].weight.reshape(A.shape[1], self.D)
-            return A @ B
+            A = ch[1].weight.reshape(g, T // g, -1)                        # (g, T_g, r)
+            B = ch[0].weight.reshape(g, A.shape[2], self.D)                # (g, r, D_g)
+            return (A @ B).reshape(T, self.D)
         if self.kind == "tucker2":
-            V = ch[0].weight.reshape(ch[0].weight.shape[0], -1)          # (R2, S)
-            G = ch[1].weight                                               # (R1, R2, kh, kw)
-            U = ch[2].weight.reshape(self.T, -1)                           # (T, R1)
-            return torch.einsum("ta,abij,bs->tsij", U, G, V).reshape(self.T, self.D)
+            R2 = ch[0].weight.shape[0] // g
+            R1 = ch[1].weight.shape[0] // g
+            V = ch[0].weight.reshape(g, R2, -1)                            # (g, R2, S_g)
+            G = ch[1].weight.reshape(g, R1, *ch[1].weight.shape[1:])      # (g, R1, R2, kh, kw)
+            U = ch[2].weight.reshape(g, T // g, R1)                        # (g, T_g, R1)
+            return torch.einsum("gta,gabij,gbs->gtsij", U, G, V).reshape(T, self.D)
         return torch.zeros(self.T, self.D, dtype=self.values.dtype, device=self.values.device)
 
     def sparse_weight(self) -> torch.Tensor:
@@ -248,24 +365,10 @@ class LowRankSparse(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def _pad_geometry(self):
-        s = self.spec
-        kh, kw = s["kernel_size"]
-        dh, dw = s["dilation"]
-        if s["padding"] == "valid":
-            return (0, 0, 0, 0)
-        if s["padding"] == "same":
-            th, tw = dh * (kh - 1), dw * (kw - 1)
-            return (tw // 2, tw - tw // 2, th // 2, th - th // 2)
-        ph, pw = s["padding"]
-        return (pw, pw, ph, ph)
+        return _pad_geometry(self.spec)
 
     def _conv(self, x, w, b):
-        s = self.spec
-        if s["padding_mode"] != "zeros":
-            x = F.pad(x, self._pad_geometry(), mode=s["padding_mode"])
-            return F.conv2d(x, w, b, tuple(s["stride"]), 0, tuple(s["dilation"]))
-        pad = s["padding"] if isinstance(s["padding"], str) else tuple(s["padding"])
-        return F.conv2d(x, w, b, tuple(s["stride"]), pad, tuple(s["dilation"]))
+        return _conv_spec(x, w, b, self.spec, self.groups)
 
     def _dense(self, x, w, b):
         if self.spec["type"] == "Linear":
@@ -304,7 +407,7 @@ class LowRankSparse(nn.Module):
         s = self.spec
         if s["type"] == "Linear":
             return True
-        return (s["kernel_size"] == [1, 1] and s["stride"] == [1, 1]
+        return (self.groups == 1 and s["kernel_size"] == [1, 1] and s["stride"] == [1, 1]
                 and s["padding"] in ([0, 0], "valid", "same"))
 
     def _sparse_apply(self, x):
@@ -334,5 +437,6 @@ class LowRankSparse(nn.Module):
         return sum(p.numel() * p.element_size() for p in self.parameters()) + self.index_bytes()
 
     def extra_repr(self) -> str:
-        return (f"{self.spec['type']} T={self.T} D={self.D} lowrank={self.kind} "
+        grp = f" groups={self.groups}" if self.groups > 1 else ""
+        return (f"{self.spec['type']} T={self.T} D={self.D}{grp} lowrank={self.kind} "
                 f"nnz={self.values.numel()} forward={self.forward_mode}")

@@ -59,9 +59,35 @@ the sparse entries also compensate the residual outside ``J`` through the correl
 ``Sigma``.)  ``Sigma_JJ`` is a principal submatrix of the floored ``Sigma`` (see
 :func:`ddtd.solvers._common.prepare_sigma`), hence positive definite.  Frobenius: ``s_J = R_tJ``.
 
+**Grouped convs** (weight ``(T, S/g, kh, kw)``, Sigma ``(g, D_g, D_g)``, ``D_g = (S/g) kh kw``,
+``T_g = T/g``).  ``W`` is the ``(T, D_g)`` matrix ``weight.reshape(T, D_g)``; row ``t`` belongs to
+group ``k = t // T_g`` and is measured in that group's ``Sigma_k``:
+``err = sum_t (W_t - W~_t) Sigma_k(t) (W_t - W~_t)^T``.  Sparse indices are ``(t, d)`` in this
+``T x D_g`` matrix (flat index ``t * D_g + d`` = the position in the kernel tensor).
+
+* ``S/g > 1``: the low-rank part is per group, ``L_k = A_k B_k`` (``A (g, T_g, r)``,
+  ``B (g, r, D_g)``; a grouped chain) or a per-group Tucker2 (leading group dim on ``U``,
+  ``core``, ``V``).  Each (a) step is ``g`` independent Sigma-SVDs / Tucker2 fits.
+* depthwise (``S/g = 1``, ``D_g = kh kw``): a per-group rank is meaningless (each group has
+  ``T_g`` rows of length ``kh kw``), so the low-rank part is taken *across* channels with shared
+  basis filters: ``L = A B``, ``A (T, r)``, ``B (r, kh kw)``, fitted in the per-row metrics
+  ``sum_t (x_t - a_t B) Sigma_k(t) (x_t - a_t B)^T`` by alternating exact solves (``basis_iter``
+  rounds per (a) step, warm-started from the previous ``B``): rows of ``A``:
+  ``a_t = x_t Sigma_k B^T (B Sigma_k B^T)^{-1}`` (``r x r``); ``B``: the normal equations
+  ``sum_k (A_k^T A_k) B Sigma_k = A^T [x_t Sigma_k(t)]_t``, one ``r kh kw``-dim SPD system
+  ``(sum_k P_k (x) Sigma_k) vec(B) = vec(A^T X Sigma)`` with ``P_k = A_k^T A_k``.  Both are
+  exact block minimisations, so the error never increases; the first ``B`` is the Sigma-SVD in
+  the mean metric ``mean_k Sigma_k`` (exact when the channels' Sigmas agree; Frobenius: the plain
+  SVD, closed form).
+* the sparse support is chosen jointly over the whole ``T x D_g`` matrix (one top-``nnz`` of the
+  energy scores ``|R_td| sqrt(Sigma_k(t),dd)``: groups compete for nonzeros); values are solved
+  exactly per row in the row's own ``Sigma_k`` (:func:`solve_rows` with a 3-D Sigma).
+
 **Storage** (:data:`INDEX_UNITS`): one nonzero costs its value plus one ``int32`` flat index
 ``t * D + d``, i.e. 2 units of 4 bytes; the low-rank part costs its factor elements.  A budget
-in "units" is thus bytes / 4 at float32.
+in "units" is thus bytes / 4 at float32.  Factor elements (:func:`lowrank_params`): svd
+``r (T + D)``; grouped svd ``g r (T_g + D_g) = r (T + g D_g)``; depthwise shared basis
+``r (T + kh kw)``; Tucker2 ``g (T_g R1 + R1 R2 kh kw + S_g R2)``.
 """
 
 from __future__ import annotations
@@ -75,8 +101,8 @@ import torch
 
 from ddtd.errors import InputError
 
-from ._common import (EPS_REL, F64, _where, check_finite, diverged, prepare_sigma,
-                      resolve_device_dtype)
+from ._common import (EPS_REL, F64, _where, check_finite, diverged, prepare_sigma, qr,
+                      resolve_device_dtype, spd_solve)
 from .svd import sigma_svd
 
 __all__ = ["LRSResult", "lowrank_sparse", "magnitude_prune", "sigma_prune", "solve_rows",
@@ -105,10 +131,13 @@ class LRSResult:
         shape: the weight's shape (``(T, D)`` or ``(T, S, kh, kw)``).
         lowrank: ``'svd'``, ``'tucker2'`` or ``'none'`` (pure sparse, rank 0).
         factors: svd ``(A (T, r), B (r, D))``; tucker2 ``(U (T, R1), core (R1, R2, kh, kw),
-            V (S, R2))``; none ``()``.
+            V (S, R2))``; none ``()``.  Grouped (``S/g > 1``): each factor with a leading group
+            dim ``g`` (``A (g, T_g, r)``, ``B (g, r, D_g)``, ...).  Depthwise (``S/g = 1``,
+            ``g > 1``): the shared basis ``A (T, r)``, ``B (r, kh*kw)`` (2-D, see the module
+            docstring).
         rank: svd ``(r,)``, tucker2 ``(R1, R2)``, none ``(0,)``.
-        indices: ``(nnz, 2)`` int64, ``(row t, column d)`` of the ``T x D`` matrix, sorted
-            row-major.
+        indices: ``(nnz, 2)`` int64, ``(row t, column d)`` of the ``T x D`` matrix (grouped:
+            ``T x D_g``), sorted row-major.
         values: ``(nnz,)`` in the convention of ``mode`` (additive: ``S``; masking: ``S_m``,
             the value that replaces ``L`` on the mask).
         mode: ``'additive'`` or ``'masking'``.
@@ -116,6 +145,7 @@ class LRSResult:
         init_error: relative error of the initialisation.
         history: best-so-far relative error, ``[init, after round 1, ...]`` (non-increasing).
         n_iter, converged, seconds: rounds run, relative decrease fell below ``tol``, wall time.
+        groups: the conv's groups (1 for an ordinary layer).
     """
 
     shape: tuple
@@ -131,6 +161,12 @@ class LRSResult:
     n_iter: int = 0
     converged: bool = False
     seconds: float = 0.0
+    groups: int = 1
+
+    @property
+    def shared(self) -> bool:
+        """True for a depthwise conv's shared-basis low-rank part (``S/g = 1``, ``g > 1``)."""
+        return _is_shared(self.shape, self.groups)
 
     @property
     def A(self) -> torch.Tensor:
@@ -154,10 +190,11 @@ class LRSResult:
 
     @property
     def D(self) -> int:
+        """Columns of the matrix ``W``: ``D`` (grouped: ``D_g``, the per-group input length)."""
         return int(math.prod(self.shape[1:]))
 
     def lowrank_matrix(self) -> torch.Tensor:
-        """``L`` as ``(T, D)``."""
+        """``L`` as ``(T, D)`` (grouped: ``(T, D_g)``, group blocks stacked)."""
         return _lowrank_matrix(self.lowrank, self.factors, self.T, self.D,
                                self.values.dtype, self.values.device)
 
@@ -200,25 +237,41 @@ class LRSResult:
 # counting
 # --------------------------------------------------------------------------------------------
 
-def lowrank_params(shape, lowrank: str, rank) -> int:
-    """Elements of the low-rank factors for a weight of ``shape`` (``(T, D)`` / ``(T,S,kh,kw)``)."""
+def _is_shared(shape, groups) -> bool:
+    """Depthwise conv (one input channel per group, ``g > 1``): the shared-basis low rank."""
+    return int(groups) > 1 and len(shape) == 4 and int(shape[1]) == 1
+
+
+def lowrank_params(shape, lowrank: str, rank, groups: int = 1) -> int:
+    """Elements of the low-rank factors for a weight of ``shape`` (``(T, D)`` / ``(T,S/g,kh,kw)``).
+
+    svd ``r (T + D)``; grouped svd (``S/g > 1``) ``g r (T_g + D_g)``; depthwise (``S/g = 1``,
+    ``g > 1``) shared basis ``r (T + kh kw)``; tucker2 ``g (T_g R1 + R1 R2 kh kw + S_g R2)``.
+    """
+    g = int(groups)
     T = int(shape[0])
     D = int(math.prod(shape[1:]))
+    if g < 1 or T % g:
+        raise InputError(f"groups={groups} does not divide the {T} output channels",
+                         hint="pass the conv's groups value")
     if lowrank == "none":
         return 0
     if lowrank == "svd":
         r = int(rank if isinstance(rank, int) else rank[0])
-        return r * (T + D)
+        if g == 1 or _is_shared(shape, g):
+            return r * (T + D)
+        return g * r * (T // g + D)
     if lowrank == "tucker2":
         _, S, kh, kw = shape
         R1, R2 = (rank, rank) if isinstance(rank, int) else rank
-        return T * R1 + R1 * R2 * kh * kw + S * R2
+        return g * ((T // g) * R1 + R1 * R2 * kh * kw + S * R2)
     raise InputError(f"unknown lowrank format {lowrank!r}", hint=f"use one of {LOWRANKS}")
 
 
-def storage_units(shape, lowrank: str, rank, nnz: int) -> int:
-    """Storage of an LRS layer in 4-byte units: factors + ``nnz * (1 + INDEX_UNITS)``."""
-    return lowrank_params(shape, lowrank, rank) + int(nnz) * (1 + INDEX_UNITS)
+def storage_units(shape, lowrank: str, rank, nnz: int, groups: int = 1) -> int:
+    """Storage of an LRS layer in 4-byte units: factors + ``nnz * (1 + INDEX_UNITS)``
+    (``shape`` is the weight's, ``(T, S/g, kh, kw)`` for a grouped conv)."""
+    return lowrank_params(shape, lowrank, rank, groups) + int(nnz) * (1 + INDEX_UNITS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,9 +283,34 @@ def _lowrank_matrix(kind, factors, T, D, dtype, device):
         return torch.zeros(T, D, dtype=dtype, device=device)
     if kind == "svd":
         A, B = factors
-        return (A.to(F64) @ B.to(F64)).to(dtype)
+        return (A.to(F64) @ B.to(F64)).reshape(T, D).to(dtype)
     U, G, V = factors
-    return torch.einsum("ta,abij,sb->tsij", U.to(F64), G.to(F64), V.to(F64)).reshape(T, D).to(dtype)
+    if U.dim() == 3:
+        K = torch.einsum("gta,gabij,gsb->gtsij", U.to(F64), G.to(F64), V.to(F64))
+    else:
+        K = torch.einsum("ta,abij,sb->tsij", U.to(F64), G.to(F64), V.to(F64))
+    return K.reshape(T, D).to(dtype)
+
+
+def _sig_mul(E: torch.Tensor, sigma: torch.Tensor | None) -> torch.Tensor:
+    """Every row of ``E (T, D)`` times its Sigma: ``E Sigma`` for a ``(D, D)`` Sigma; for a
+    ``(g, D, D)`` stack row ``t`` uses ``Sigma[t // (T/g)]``; ``None``: ``E``."""
+    if sigma is None:
+        return E
+    if sigma.dim() == 2:
+        return E @ sigma
+    g = sigma.shape[0]
+    return torch.bmm(E.reshape(g, -1, E.shape[1]), sigma).reshape(E.shape)
+
+
+def _row_dsq(sigma: torch.Tensor | None, T: int, D: int, device) -> torch.Tensor:
+    """``sqrt(Sigma_dd)`` per column (``(D,)``) or per row and column (``(T, D)``, grouped)."""
+    if sigma is None:
+        return torch.ones(D, dtype=F64, device=device)
+    d = torch.diagonal(sigma, dim1=-2, dim2=-1).clamp_min(0).sqrt()
+    if sigma.dim() == 3:
+        d = d.repeat_interleave(T // sigma.shape[0], dim=0)
+    return d
 
 
 def _topk_mask(score: torch.Tensor, k: int) -> torch.Tensor:
@@ -248,13 +326,14 @@ def solve_rows(R: torch.Tensor, sigma: torch.Tensor | None, mask: torch.Tensor, 
     """Exact sparse values on a fixed support, row by row, in the Sigma metric.
 
     For every row ``t`` with support ``J = {d : mask[t, d]}``:
-    ``s_t = argmin_{s : s_d = 0 for d not in J} (R_t - s) Sigma (R_t - s)^T``, i.e.
-    ``s_J = Sigma_JJ^{-1} (Sigma R_t^T)_J`` (module docstring).
+    ``s_t = argmin_{s : s_d = 0 for d not in J} (R_t - s) Sigma_t (R_t - s)^T``, i.e.
+    ``s_J = Sigma_t,JJ^{-1} (Sigma_t R_t^T)_J`` (module docstring), where ``Sigma_t = Sigma`` for a
+    ``(D, D)`` Sigma and ``Sigma_t = Sigma[t // (T/g)]`` for a grouped ``(g, D, D)`` stack.
 
     Args:
         R: ``(T, D)`` float64 residual to fit.
-        sigma: ``(D, D)`` float64 positive definite (pass the floored Sigma), or ``None``
-            (Frobenius: ``s_J = R_tJ``).
+        sigma: ``(D, D)`` or ``(g, D, D)`` float64 positive definite (pass the floored Sigma),
+            or ``None`` (Frobenius: ``s_J = R_tJ``).
         mask: ``(T, D)`` bool support.
         chunk_bytes: memory cap of the batched ``(rows, m, m)`` submatrices, ``m`` = the largest
             row support.
@@ -270,17 +349,29 @@ def solve_rows(R: torch.Tensor, sigma: torch.Tensor | None, mask: torch.Tensor, 
     m = int(counts.max()) if T else 0
     if m == 0:
         return S
-    G = R @ sigma                                              # (T, D): rows (Sigma R_t^T)^T
+    grouped = sigma.dim() == 3
+    G = _sig_mul(R, sigma)                                     # (T, D): rows (Sigma_t R_t^T)^T
+    diag_mean = torch.diagonal(sigma, dim1=-2, dim2=-1).mean(-1)
+    if grouped:
+        grp = torch.arange(T, device=R.device) // (T // sigma.shape[0])
+        md_row = diag_mean[grp]
+    else:
+        md_row = diag_mean.expand(T)
+    md_row = torch.where(md_row > 0, md_row, torch.ones((), dtype=F64, device=R.device))
     # columns of each row's support first (distinct indices; the tail is unused padding)
     order = torch.argsort(mask.to(torch.int8), dim=1, descending=True, stable=True)[:, :m]
     valid = torch.arange(m, device=R.device)[None, :] < counts[:, None]
     per = max(1, chunk_bytes // (8 * m * m))
-    md = float(torch.diagonal(sigma).mean())
     for i in range(0, T, per):
         idx, v = order[i:i + per], valid[i:i + per]
-        sub = sigma[idx[:, :, None], idx[:, None, :]]
+        if grouped:
+            sub = sigma[grp[i:i + per, None, None], idx[:, :, None], idx[:, None, :]]
+        else:
+            sub = sigma[idx[:, :, None], idx[:, None, :]]
+        md = md_row[i:i + per]
         vv = v[:, :, None] & v[:, None, :]
-        sub = torch.where(vv, sub, torch.zeros((), dtype=F64)) + torch.diag_embed((~v).to(F64) * md)
+        sub = (torch.where(vv, sub, torch.zeros((), dtype=F64))
+               + torch.diag_embed((~v).to(F64) * md[:, None]))
         rhs = torch.where(v, G[i:i + per].gather(1, idx), torch.zeros((), dtype=F64))
         x = _batched_spd_solve(sub, rhs, md)
         x = torch.where(v, x, torch.zeros((), dtype=F64))
@@ -288,43 +379,54 @@ def solve_rows(R: torch.Tensor, sigma: torch.Tensor | None, mask: torch.Tensor, 
     return S
 
 
-def _batched_spd_solve(A: torch.Tensor, b: torch.Tensor, md: float) -> torch.Tensor:
-    """``A x = b`` for a batch of SPD ``A`` (Cholesky; rows that fail get a growing jitter)."""
+def _batched_spd_solve(A: torch.Tensor, b: torch.Tensor, md) -> torch.Tensor:
+    """``A x = b`` for a batch of SPD ``A (n, m, m)``, ``b (n, m)`` or ``(n, m, c)`` (Cholesky;
+    systems that fail get a growing jitter relative to ``md`` (a float or ``(n,)`` scale), then
+    least squares)."""
+    vec = b.dim() == A.dim() - 1
+    bb = b[..., None] if vec else b
+    md = torch.as_tensor(md, dtype=A.dtype, device=A.device).expand(A.shape[0])
     Lc, info = torch.linalg.cholesky_ex(A)
-    x = torch.cholesky_solve(b[..., None], Lc)[..., 0]
-    bad = (info != 0) | ~torch.isfinite(x).all(-1)
+    x = torch.cholesky_solve(bb, Lc)
+    bad = (info != 0) | ~torch.isfinite(x).flatten(1).all(-1)
     jitter = 1e-12
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
     while bool(bad.any()):
         if jitter > 1e-2:
-            x[bad] = torch.linalg.lstsq(A[bad], b[bad][..., None], driver="gelsd").solution[..., 0]
+            x[bad] = torch.linalg.lstsq(A[bad], bb[bad], driver="gelsd").solution
             break
-        eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-        Lb, ib = torch.linalg.cholesky_ex(A[bad] + jitter * md * eye)
-        xb = torch.cholesky_solve(b[bad][..., None], Lb)[..., 0]
-        ok = (ib == 0) & torch.isfinite(xb).all(-1)
+        Lb, ib = torch.linalg.cholesky_ex(A[bad] + jitter * md[bad][:, None, None] * eye)
+        xb = torch.cholesky_solve(bb[bad], Lb)
+        ok = (ib == 0) & torch.isfinite(xb).flatten(1).all(-1)
         idx = bad.nonzero().squeeze(1)
         x[idx[ok]] = xb[ok]
         bad[idx[ok]] = False
         jitter *= 100
-    return x
+    return x[..., 0] if vec else x
 
 
 def _err(E: torch.Tensor, sigma: torch.Tensor | None) -> float:
-    """``trace(E Sigma E^T)`` in float64."""
+    """``sum_t E_t Sigma_t E_t^T`` in float64 (``trace(E Sigma E^T)`` for one Sigma)."""
     if sigma is None:
         return float((E * E).sum())
-    return float(((E @ sigma) * E).sum())
+    return float((_sig_mul(E, sigma) * E).sum())
 
 
 class _LowRank:
-    """The (a) step: Sigma-optimal low-rank approximation of a ``(T, D)`` matrix."""
+    """The (a) step: Sigma-optimal low-rank approximation of a ``(T, D)`` matrix (per group for a
+    grouped conv; the shared basis for a depthwise conv, module docstring)."""
 
-    def __init__(self, kind, rank, shape, sigma_obj, tucker_iter, name):
+    def __init__(self, kind, rank, shape, groups, sigma_obj, sigma_solve, tucker_iter,
+                 basis_iter, name):
         self.kind, self.shape, self.sigma, self.name = kind, shape, sigma_obj, name
-        self.tucker_iter = tucker_iter
+        self.sigma_solve = sigma_solve
+        self.tucker_iter, self.basis_iter = tucker_iter, max(1, int(basis_iter))
+        self.g = int(groups)
+        self.shared = _is_shared(shape, groups)
         self.T = int(shape[0])
         self.D = int(math.prod(shape[1:]))
         self.V = None
+        self.B = None
         if kind == "svd":
             self.rank = (int(rank if isinstance(rank, int) else rank[0]),)
         elif kind == "tucker2":
@@ -338,17 +440,118 @@ class _LowRank:
         if self.kind == "none":
             return torch.zeros_like(X), ()
         if self.kind == "svd":
-            res = sigma_svd(X, self.sigma, self.rank[0], dtype=F64, name=self.name)
-            return res.A @ res.B, (res.A, res.B)
+            if self.shared:
+                return self._fit_shared(X)
+            res = sigma_svd(X, self.sigma, self.rank[0], groups=self.g, dtype=F64, name=self.name)
+            return (res.A @ res.B).reshape(self.T, self.D), (res.A, res.B)
         from .tucker2 import tucker2
-        init = self.V if self.V is not None else "whitened"
-        res = tucker2(X.reshape(self.shape), self.sigma, self.rank, init=init, dtype=F64,
-                      max_iter=self.tucker_iter, tol=1e-7, name=self.name)
-        self.V = res.V
-        return res.kernel().reshape(self.T, self.D), (res.U, res.core, res.V)
+        if self.g == 1:
+            init = self.V if self.V is not None else "whitened"
+            res = tucker2(X.reshape(self.shape), self.sigma, self.rank, init=init, dtype=F64,
+                          max_iter=self.tucker_iter, tol=1e-7, name=self.name)
+            self.V = res.V
+            return res.kernel().reshape(self.T, self.D), (res.U, res.core, res.V)
+        Tg = self.T // self.g
+        outs = []
+        for k in range(self.g):
+            init = self.V[k] if self.V is not None else "whitened"
+            sk = None if self.sigma is None else self.sigma[k]
+            outs.append(tucker2(X[k * Tg:(k + 1) * Tg].reshape(Tg, *self.shape[1:]), sk,
+                                self.rank, init=init, dtype=F64, max_iter=self.tucker_iter,
+                                tol=1e-7, name=self.name))
+        U, G, V = (torch.stack([getattr(o, a) for o in outs]) for a in ("U", "core", "V"))
+        self.V = V
+        L = torch.einsum("gta,gabij,gsb->gtsij", U, G, V).reshape(self.T, self.D)
+        return L, (U, G, V)
+
+    def _fit_shared(self, X: torch.Tensor):
+        """Depthwise: ``min_{A, B} sum_t (x_t - a_t B) Sigma_t (x_t - a_t B)^T`` by alternating
+        exact solves, warm-started from the previous ``B`` (module docstring)."""
+        r, T, D, g = self.rank[0], self.T, self.D, self.g
+        s = self.sigma_solve
+        if s is None:                                # one metric (I): the plain SVD, closed form
+            res = sigma_svd(X, None, r, dtype=F64, name=self.name)
+            return res.A @ res.B, (res.A, res.B)
+        SX = _sig_mul(X, s)                                        # (T, D) rows x_t Sigma_t
+        B = self.B
+        if B is None:                              # exact when every channel has the same Sigma
+            B = sigma_svd(X, s.mean(0), r, dtype=F64, name=self.name).B
+            B = qr(B.T)[0].T
+        Tg = T // g
+        md = torch.diagonal(s, dim1=-2, dim2=-1).mean(-1)          # (g,)
+        for _ in range(self.basis_iter):
+            # rows of A: a_t (B Sigma_k B^T) = x_t Sigma_k B^T, one r x r system per group
+            Gk = B @ s @ B.T                                        # (g, r, r)
+            rhs = (SX @ B.T).reshape(g, Tg, r)
+            A = _batched_spd_solve(Gk, rhs.transpose(1, 2), md).transpose(1, 2).reshape(T, r)
+            # B: (sum_k P_k (x) Sigma_k) vec(B) = vec(A^T X Sigma), P_k = A_k^T A_k
+            Ak = A.reshape(g, Tg, r)
+            P = Ak.transpose(1, 2) @ Ak                             # (g, r, r)
+            M = torch.einsum("kij,kde->idje", P, s).reshape(r * D, r * D)
+            B = spd_solve(M, (A.T @ SX).reshape(r * D, 1)).reshape(r, D)
+            # gauge: orthonormal basis rows (A B unchanged)
+            Q, Rq = qr(B.T)
+            A, B = A @ Rq.T, Q.T
+        self.B = B
+        return A @ B, (A, B)
 
 
-def _check_args(weight, sigma, rank, nnz, density, mode, init, lowrank, name):
+def _resolve_groups(weight, sigma, groups, name) -> int:
+    """The layer's groups: from a 3-D ``sigma`` ``(g, D_g, D_g)`` or the ``groups`` keyword."""
+    g_sig = int(sigma.shape[0]) if (isinstance(sigma, torch.Tensor) and sigma.dim() == 3) else None
+    if groups is None:
+        g = g_sig if g_sig is not None else 1
+    else:
+        g = int(groups)
+        if g_sig is not None and g_sig != g:
+            raise InputError(f"{_where(name)}: sigma has {g_sig} groups (shape "
+                             f"{tuple(sigma.shape)}) but groups={g}",
+                             hint="pass the layer's groups value, or omit it to infer it "
+                                  "from sigma")
+    T = int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() else 0
+    if g < 1 or (T and T % g):
+        raise InputError(f"{_where(name)}: {T} output channels cannot be split into {g} groups",
+                         hint="pass the conv's groups value")
+    if g > 1 and (not isinstance(weight, torch.Tensor) or weight.dim() != 4):
+        raise InputError(f"{_where(name)}: groups={g} needs a conv kernel (T, S/g, kh, kw)",
+                         hint="pass the grouped conv's weight as it is stored in the layer")
+    if g > 1 and sigma is not None and sigma.dim() != 3:
+        raise InputError(f"{_where(name)}: groups={g} needs a sigma of shape (g, D_g, D_g), got "
+                         f"{tuple(sigma.shape)}", hint="pass one input covariance per group")
+    return g
+
+
+def _prepare_sigma(sigma, g, D, *, damping, eps_rel, device, name):
+    """:func:`ddtd.solvers._common.prepare_sigma` for one ``(D, D)`` Sigma or a ``(g, D, D)``
+    stack (each group floored / damped relative to its own mean diagonal; a group that never
+    saw input energy (zero Sigma: its rows do not count) is floored relative to the layer's)."""
+    if sigma is None:
+        return None, None
+    if sigma.dim() == 3 and g == 1:
+        sigma = sigma[0]
+    if sigma.dim() == 2:
+        return prepare_sigma(sigma, D, damping=damping, eps_rel=eps_rel, device=device, name=name)
+    if tuple(sigma.shape) != (g, D, D):
+        raise InputError(f"{_where(name)}: sigma has shape {tuple(sigma.shape)}, expected "
+                         f"({g}, {D}, {D})", hint="a grouped conv's sigma is one (D_g, D_g) "
+                         "covariance of the unfolded group input per group, D_g = (S/g)*kh*kw")
+    check_finite(sigma, "sigma", name)
+    s = sigma.to(device=device, dtype=F64)
+    s = 0.5 * (s + s.transpose(1, 2))
+    md = torch.diagonal(s, dim1=1, dim2=2).mean(1)                      # (g,)
+    tot = float(md.clamp_min(0).mean())
+    if tot <= 0:
+        raise InputError(f"{_where(name)}: sigma has zero trace (the layer never saw any input "
+                         "energy)", hint="check the calibration store for this layer, or use "
+                                         "norm 'frobenius'")
+    md = torch.where(md > 0, md, torch.full_like(md, tot))
+    eye = torch.eye(D, dtype=F64, device=device)
+    if damping:
+        s = s + damping * md[:, None, None] * eye
+    return s, s + eps_rel * md[:, None, None] * eye
+
+
+def _check_args(weight, sigma, rank, nnz, density, mode, init, lowrank, name, groups=None):
     if mode not in MODES:
         raise InputError(f"{_where(name)}: unknown mode {mode!r}", hint=f"use one of {MODES}")
     if init not in INITS:
@@ -358,13 +561,10 @@ def _check_args(weight, sigma, rank, nnz, density, mode, init, lowrank, name):
                          hint=f"use one of {LOWRANKS}")
     if not isinstance(weight, torch.Tensor) or weight.dim() not in (2, 4):
         shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
-        raise InputError(f"{_where(name)}: weight must be (T, D) or (T, S, kh, kw), got {shape}",
-                         hint="pass the Linear weight or the conv kernel (groups=1)")
-    if sigma is not None and sigma.dim() == 3:
-        raise InputError(f"{_where(name)}: grouped layers (sigma {tuple(sigma.shape)}) are not "
-                         "supported by the low-rank + sparse solver",
-                         hint="compress grouped / depthwise convs with sigma_prune (pure "
-                              "sparse, per group) or leave them dense")
+        raise InputError(f"{_where(name)}: weight must be (T, D) or (T, S/g, kh, kw), got {shape}",
+                         hint="pass the Linear weight or the conv kernel")
+    g = _resolve_groups(weight, sigma, groups, name)
+    shared = _is_shared(tuple(weight.shape), g)
     T = weight.shape[0]
     D = int(math.prod(weight.shape[1:]))
     if (nnz is None) == (density is None):
@@ -391,16 +591,29 @@ def _check_args(weight, sigma, rank, nnz, density, mode, init, lowrank, name):
         rr = [int(x) for x in rank]
     if min(rr) < 0:
         raise InputError(f"{_where(name)}: rank {rank} is negative", hint="use rank >= 0")
-    if lowrank == "svd" and rr[0] > min(T, D):
-        raise InputError(f"{_where(name)}: rank {rr[0]} exceeds min(T, D) = {min(T, D)}",
-                         hint="choose a smaller rank")
+    Tg = T // g
+    if lowrank == "svd":
+        if g == 1:
+            rmax, what = min(T, D), f"min(T, D) = {min(T, D)}"
+        elif shared:
+            rmax, what = min(T, D), f"min(T, kh*kw) = {min(T, D)} (depthwise: shared basis)"
+        else:
+            rmax, what = min(Tg, D), f"min(T/g, D_g) = {min(Tg, D)} (per group)"
+        if rr[0] > rmax:
+            raise InputError(f"{_where(name)}: rank {rr[0]} exceeds {what}",
+                             hint="choose a smaller rank")
+    if lowrank == "tucker2" and shared and max(rr) > 0:
+        raise InputError(f"{_where(name)}: lowrank='tucker2' makes no sense for a depthwise conv "
+                         "(one input channel per group)",
+                         hint="use lowrank='svd' (shared basis filters across channels)")
     if lowrank == "tucker2" and min(rr) > 0:
         R1, R2 = (rr[0], rr[0]) if len(rr) == 1 else rr
-        if R1 > T or R2 > weight.shape[1]:
+        if R1 > Tg or R2 > weight.shape[1]:
             raise InputError(f"{_where(name)}: Tucker2 ranks ({R1}, {R2}) invalid for "
-                             f"T={T}, S={weight.shape[1]}", hint="need R1 <= T and R2 <= S")
+                             f"T/g={Tg}, S/g={weight.shape[1]}",
+                             hint="need R1 <= T/g and R2 <= S/g")
     kind = lowrank if max(rr) > 0 else "none"
-    return nnz, kind, T, D
+    return nnz, kind, T, D, g
 
 
 def _pack(S: torch.Tensor, mask: torch.Tensor):
@@ -418,14 +631,19 @@ def lowrank_sparse(weight: torch.Tensor, sigma: torch.Tensor | None, rank, nnz: 
                    init_iter: int = 10, tucker_iter: int = 10,
                    candidates: tuple = ("energy", "gradient"), switch_tol: float = 1e-2,
                    damping: float = 0.0, eps_rel: float = EPS_REL, device=None,
-                   dtype: torch.dtype | None = None, name: str | None = None) -> LRSResult:
+                   dtype: torch.dtype | None = None, name: str | None = None,
+                   groups: int | None = None, basis_iter: int = 10) -> LRSResult:
     """Fit ``W~ = L + S`` (or the masking form) to ``weight`` in the Sigma metric.
 
     Args:
-        weight: ``(T, D)`` Linear weight or ``(T, S, kh, kw)`` conv kernel (groups = 1).
-        sigma: ``(D, D)`` PSD input covariance or ``None`` (Frobenius).
-        rank: svd ``r`` (int); tucker2 ``(R1, R2)`` or one int; ``0`` = no low-rank part.
-        nnz: number of nonzeros of the sparse part (or give ``density`` = nnz / (T*D)).
+        weight: ``(T, D)`` Linear weight or ``(T, S/g, kh, kw)`` conv kernel (any groups).
+        sigma: ``(D, D)`` PSD input covariance, ``(g, D_g, D_g)`` for a grouped / depthwise
+            conv, or ``None`` (Frobenius).
+        rank: svd ``r`` (int; per group for a grouped conv, the number of shared basis filters
+            for a depthwise conv); tucker2 ``(R1, R2)`` or one int (per group); ``0`` = no
+            low-rank part.
+        nnz: number of nonzeros of the sparse part (or give ``density`` = nnz / (T*D)); grouped:
+            over the whole layer, the groups compete for them.
         mode: ``'additive'`` (``L + S``) or ``'masking'`` (``(1-M).L + M.S_m``); same fit (module
             docstring), different stored values.
         init: ``'residual'`` (seed eq. 12), ``'masked'`` (seed eq. 13-14), ``'data'``, or
@@ -447,31 +665,36 @@ def lowrank_sparse(weight: torch.Tensor, sigma: torch.Tensor | None, rank, nnz: 
         device, dtype: compute device; dtype of returned factors / values (float32 default;
             the fit runs in float64).
         name: layer name, for error messages.
+        groups: the conv's groups (inferred from a 3-D ``sigma``; give it when ``sigma`` is
+            ``None``).  See the module docstring for the grouped and depthwise models.
+        basis_iter: alternation rounds of the depthwise shared-basis fit per (a) step.
 
     Returns:
         :class:`LRSResult`.
     """
     t0 = time.perf_counter()
-    nnz, kind, T, D = _check_args(weight, sigma, rank, nnz, density, mode, init, lowrank, name)
+    nnz, kind, T, D, g = _check_args(weight, sigma, rank, nnz, density, mode, init, lowrank,
+                                     name, groups)
     if init == "auto":
         kw = dict(mode=mode, lowrank=lowrank, max_iter=max_iter, tol=tol, init_iter=init_iter,
                   tucker_iter=tucker_iter, candidates=candidates, switch_tol=switch_tol,
-                  damping=damping,
-                  eps_rel=eps_rel, device=device, dtype=dtype, name=name)
+                  damping=damping, eps_rel=eps_rel, device=device, dtype=dtype, name=name,
+                  groups=g, basis_iter=basis_iter)
         runs = [lowrank_sparse(weight, sigma, rank, nnz, init=i, **kw) for i in INITS[:3]]
         best = min(runs, key=lambda r: r.rel_error)
         return dataclasses.replace(best, seconds=time.perf_counter() - t0)
     dev, dt = resolve_device_dtype(weight, device, dtype)
     check_finite(weight, "weight", name)
     W = weight.reshape(T, D).to(device=dev, dtype=F64)
-    s_obj, s_solve = prepare_sigma(sigma, D, damping=damping, eps_rel=eps_rel, device=dev, name=name)
+    s_obj, s_solve = _prepare_sigma(sigma, g, D, damping=damping, eps_rel=eps_rel, device=dev,
+                                    name=name)
     base = _err(W, s_obj)
     if base <= 0:
         raise InputError(f"{_where(name)}: the weight carries no energy in the Sigma metric "
                          "(W Sigma W^T = 0)", hint="the layer's output is constant; leave it dense")
-    dsq = (torch.ones(D, dtype=F64, device=dev) if s_obj is None
-           else torch.diagonal(s_obj).clamp_min(0).sqrt())
-    lr = _LowRank(kind, rank, tuple(weight.shape), s_obj, tucker_iter, name)
+    dsq = _row_dsq(s_obj, T, D, dev)
+    lr = _LowRank(kind, rank, tuple(weight.shape), g, s_obj, s_solve, tucker_iter, basis_iter,
+                  name)
 
     # ---- initialisation
     if init == "residual":
@@ -514,7 +737,7 @@ def lowrank_sparse(weight: torch.Tensor, sigma: torch.Tensor | None, rank, nnz: 
             if "energy" in candidates:
                 cands.append(_topk_mask(R.abs() * dsq, nnz))
             if "gradient" in candidates and s_obj is not None:
-                Z = S + ((R - S) @ s_obj) / (dsq * dsq).clamp_min(1e-300)
+                Z = S + _sig_mul(R - S, s_obj) / (dsq * dsq).clamp_min(1e-300)
                 cands.append(_topk_mask(Z.abs() * dsq, nnz))
             for Mc in cands:
                 if torch.equal(Mc, M):
@@ -539,47 +762,51 @@ def lowrank_sparse(weight: torch.Tensor, sigma: torch.Tensor | None, rank, nnz: 
     rel = _err(W - L - S, s_obj) / base
     factors = tuple(f.to(dt) for f in fac)
     return LRSResult(tuple(weight.shape), kind, factors, lr.rank, idx, vals.to(dt), mode,
-                     rel, init_rel, hist, it, converged, time.perf_counter() - t0)
+                     rel, init_rel, hist, it, converged, time.perf_counter() - t0, g)
 
 
 # --------------------------------------------------------------------------------------------
 # pruning baselines
 # --------------------------------------------------------------------------------------------
 
-def _prune(weight, sigma, nnz, density, score_fn, solve, name, dtype, device):
-    nnz, _, T, D = _check_args(weight, sigma, 0, nnz, density, "additive", "data", "svd", name)
+def _prune(weight, sigma, nnz, density, score_fn, solve, name, dtype, device, groups):
+    nnz, _, T, D, g = _check_args(weight, sigma, 0, nnz, density, "additive", "data", "svd",
+                                  name, groups)
     dev, dt = resolve_device_dtype(weight, device, dtype)
     check_finite(weight, "weight", name)
     W = weight.reshape(T, D).to(device=dev, dtype=F64)
-    s_obj, s_solve = prepare_sigma(sigma, D, damping=0.0, eps_rel=EPS_REL, device=dev, name=name)
+    s_obj, s_solve = _prepare_sigma(sigma, g, D, damping=0.0, eps_rel=EPS_REL, device=dev,
+                                    name=name)
     base = _err(W, s_obj)
-    dsq = (torch.ones(D, dtype=F64, device=dev) if s_obj is None
-           else torch.diagonal(s_obj).clamp_min(0).sqrt())
+    dsq = _row_dsq(s_obj, T, D, dev)
     M = _topk_mask(score_fn(W, dsq), nnz)
     S = solve_rows(W, s_solve, M) if solve else torch.where(M, W, torch.zeros((), dtype=F64))
     rel = _err(W - S, s_obj) / base if base > 0 else 0.0
     idx, vals = _pack(S, M)
     return LRSResult(tuple(weight.shape), "none", (), (0,), idx, vals.to(dt), "additive",
-                     rel, rel, [rel], 0, True, 0.0)
+                     rel, rel, [rel], 0, True, 0.0, g)
 
 
 def magnitude_prune(weight: torch.Tensor, sigma: torch.Tensor | None, nnz: int | None = None, *,
                     density: float | None = None, dtype: torch.dtype | None = None, device=None,
-                    name: str | None = None) -> LRSResult:
+                    name: str | None = None, groups: int | None = None) -> LRSResult:
     """Baseline: keep the ``nnz`` largest ``|W_ij|`` unchanged, zero the rest (global magnitude
-    pruning of the layer).  ``sigma`` is only used for the reported error.  Returns an
-    :class:`LRSResult` with ``lowrank='none'``."""
-    return _prune(weight, sigma, nnz, density, lambda W, d: W.abs(), False, name, dtype, device)
+    pruning of the layer; grouped: over all groups).  ``sigma`` is only used for the reported
+    error.  Returns an :class:`LRSResult` with ``lowrank='none'``."""
+    return _prune(weight, sigma, nnz, density, lambda W, d: W.abs(), False, name, dtype, device,
+                  groups)
 
 
 def sigma_prune(weight: torch.Tensor, sigma: torch.Tensor | None, nnz: int | None = None, *,
                 density: float | None = None, dtype: torch.dtype | None = None, device=None,
-                name: str | None = None) -> LRSResult:
+                name: str | None = None, groups: int | None = None) -> LRSResult:
     """Data-aware pruning baseline: support = the ``nnz`` largest ``|W_ij| sqrt(Sigma_jj)``, values
     re-solved exactly in the Sigma metric on that support (:func:`solve_rows` with ``R = W``), so
     the kept weights compensate the pruned ones through the input correlations.  (Equals
-    ``lowrank_sparse(..., rank=0, init='data', max_iter=0)``.)"""
-    return _prune(weight, sigma, nnz, density, lambda W, d: W.abs() * d, True, name, dtype, device)
+    ``lowrank_sparse(..., rank=0, init='data', max_iter=0)``; grouped: one support over all
+    groups, each row solved in its group's Sigma.)"""
+    return _prune(weight, sigma, nnz, density, lambda W, d: W.abs() * d, True, name, dtype, device,
+                  groups)
 
 
 # --------------------------------------------------------------------------------------------
@@ -588,54 +815,64 @@ def sigma_prune(weight: torch.Tensor, sigma: torch.Tensor | None, nnz: int | Non
 
 def split_budget(weight: torch.Tensor, sigma: torch.Tensor | None, budget: int, *,
                  lowrank: str = "svd", fractions=(0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 1.0),
-                 max_iter: int = 8, name: str | None = None, **kwargs):
+                 max_iter: int = 8, name: str | None = None, groups: int | None = None,
+                 **kwargs):
     """Split a storage ``budget`` (4-byte units, see :data:`INDEX_UNITS`) between the rank and the
     nonzeros so that the Sigma error is smallest.
 
     For each fraction ``f`` the low-rank part gets the largest rank whose factors fit in
-    ``f * budget`` (svd: ``r = floor(f B / (T + D))``; tucker2: ``R1 = R2 = R``, the largest with
-    ``T R + R^2 kh kw + S R <= f B``) and the sparse part the rest:
-    ``nnz = floor((B - lowrank_params) / (1 + INDEX_UNITS))``.  ``f = 0`` is pure sparse
+    ``f * budget`` (svd: ``r = floor(f B / u)`` with ``u = lowrank_params(shape, 'svd', 1, g)``
+    the cost of one rank: ``T + D`` (grouped ``g (T_g + D_g)``, depthwise ``T + kh kw``);
+    tucker2: ``R1 = R2 = R``, the largest with ``lowrank_params <= f B``) and the sparse part the
+    rest: ``nnz = floor((B - lowrank_params) / (1 + INDEX_UNITS))``.  ``f = 0`` is pure sparse
     (Sigma-aware pruning), ``f = 1`` pure low rank.  Each split is fitted with
     :func:`lowrank_sparse` (``max_iter`` rounds, ``init='data'`` unless given in ``kwargs``,
     extra ``kwargs`` passed on); refit the chosen split with more rounds / ``init='auto'`` if
-    wanted.
+    wanted.  ``groups``: as in :func:`lowrank_sparse` (inferred from a 3-D ``sigma``).
 
     Returns:
         ``(rank, nnz, result, table)``: the best split, its :class:`LRSResult`, and
         ``[(fraction, rank, nnz, rel_error), ...]`` for every split tried.
     """
-    if weight.dim() not in (2, 4):
-        raise InputError(f"{_where(name)}: weight must be (T, D) or (T, S, kh, kw)",
+    if not isinstance(weight, torch.Tensor) or weight.dim() not in (2, 4):
+        raise InputError(f"{_where(name)}: weight must be (T, D) or (T, S/g, kh, kw)",
                          hint="pass the Linear weight or the conv kernel")
+    g = _resolve_groups(weight, sigma, groups, name)
     shape = tuple(weight.shape)
     T = shape[0]
     D = int(math.prod(shape[1:]))
+    shared = _is_shared(shape, g)
     budget = int(budget)
     if budget < 1 + INDEX_UNITS:
         raise InputError(f"{_where(name)}: budget {budget} is too small for even one nonzero",
                          hint="give a budget of at least 2 units")
+    if lowrank == "tucker2" and shared:
+        raise InputError(f"{_where(name)}: lowrank='tucker2' makes no sense for a depthwise conv "
+                         "(one input channel per group)",
+                         hint="use lowrank='svd' (shared basis filters across channels)")
     kwargs.setdefault("init", "data")
     table, best = [], None
     tried = set()
     for f in fractions:
         lb = f * budget
         if lowrank == "svd":
-            r = min(int(lb // (T + D)), min(T, D))
+            rmax = min(T, D) if (g == 1 or shared) else min(T // g, D)
+            r = min(int(lb // lowrank_params(shape, "svd", 1, g)), rmax)
             rk = r
         else:
-            _, S, kh, kw = shape
             r = 0
-            while r < min(T, S) and lowrank_params(shape, "tucker2", r + 1) <= lb:
+            while (r < min(T // g, shape[1])
+                   and lowrank_params(shape, "tucker2", r + 1, g) <= lb):
                 r += 1
             rk = (r, r)
-        nnz = (budget - lowrank_params(shape, lowrank, rk if r > 0 else 0)) // (1 + INDEX_UNITS)
+        nnz = (budget - lowrank_params(shape, lowrank, rk if r > 0 else 0, g)) \
+            // (1 + INDEX_UNITS)
         nnz = max(0, min(int(nnz), T * D))
         if (r, nnz) in tried or (r == 0 and nnz == 0):
             continue
         tried.add((r, nnz))
         res = lowrank_sparse(weight, sigma, rk, nnz, lowrank=lowrank, max_iter=max_iter,
-                             name=name, **kwargs)
+                             name=name, groups=g, **kwargs)
         table.append((float(f), r, nnz, res.rel_error))
         if best is None or res.rel_error < best[2].rel_error:
             best = (rk, nnz, res)
