@@ -10,6 +10,14 @@ rounds against the dense model with BatchNorm folded, so the speedup is the fact
 and compression time (calibration on the 512-image subset included). Rows are appended to
 benchmarks/results/table.jsonl as they finish (a re-run skips rows already there), then rendered
 to benchmarks/results/table.md and benchmarks/results/table.png.
+
+Method names are those of ``ddtd compress --method`` plus variants for the low-rank + sparse
+comparison: ``lrs-residual`` / ``lrs-masked`` are the seed's initialisations alone (eq. 12 /
+13-14, no data-driven rounds), ``lrs-s50`` a fixed split (half the bytes to the sparse part);
+``sparse`` with ``--norms frobenius`` is magnitude pruning. ``--quantize`` also measures the
+accuracy with the replaced layers' factor weights rounded to float16 and to 8 bits per output
+channel (symmetric, one scale per output channel of every factor conv / linear), the rest of
+the model in float32: the robustness test of stable CP.
 """
 
 from __future__ import annotations
@@ -45,6 +53,62 @@ def accuracy(model, x, y, batch=500) -> float:
     return correct / len(x)
 
 
+def _seq_label(value, norm: str = "sigma") -> str:
+    """Rows store the mode the pipeline used: 'auto' / 'on' / 'off' (older rows: a bool)."""
+    if value is None:
+        return "auto" if norm == "sigma" else "off"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+def method_config(method: str, norm: str, max_iter: int):
+    """``(registered method, MethodConfig)`` for a table method name (see the module docstring)."""
+    from ddtd.methods import MethodConfig
+
+    opts, base = {}, method
+    if method.startswith("lrs-"):
+        base, variant = "lrs", method[4:]
+        if variant in ("residual", "masked"):
+            opts = {"lrs": {"init": variant, "iters": 0, "sparsity": 0.5}}
+        elif variant.startswith("s") and variant[1:].isdigit():
+            opts = {"lrs": {"sparsity": int(variant[1:]) / 100}}
+        else:
+            raise SystemExit(f"unknown lrs variant {method!r}")
+    return base, MethodConfig(norm=norm, max_iter=max_iter, options=opts)
+
+
+def _replaced_weights(model, report):
+    """Weights of the factor layers that replaced dense ones (Conv2d / Linear / sparse values)."""
+    from ddtd.layers import get_module
+
+    for row in report.layers:
+        if row.method == "dense":
+            continue
+        for sub in get_module(model, row.name).modules():
+            if isinstance(sub, (torch.nn.Conv2d, torch.nn.Linear)):
+                yield sub.weight
+
+
+@torch.no_grad()
+def quantized_accuracies(model, report, xt, yt) -> dict:
+    """Accuracy with the replaced layers' factor weights in float16 and in int8 per output channel."""
+    import copy
+
+    out = {}
+    for kind in ("float16", "int8"):
+        q = copy.deepcopy(model)
+        for w in _replaced_weights(q, report):
+            if kind == "float16":
+                w.copy_(w.half().float())
+            else:
+                flat = w.reshape(w.shape[0], -1)
+                scale = flat.abs().amax(1, keepdim=True).clamp_min(1e-30) / 127
+                w.copy_((torch.round(flat / scale).clamp(-127, 127) * scale).reshape(w.shape))
+        out[kind] = accuracy(q, xt, yt)
+    return out
+
+
 def run(args) -> None:
     from ddtd.pipeline import compress, prepare
     from ddtd.evaluate import paired_latency
@@ -58,7 +122,7 @@ def run(args) -> None:
     if out.exists():
         for line in out.read_text().splitlines():
             r = json.loads(line)
-            done.add((r["model"], r["method"], r["norm"], r["ratio_target"], r.get("sequential")))
+            done.add((r["model"], r["method"], r["norm"], r["ratio_target"], _seq_label(r.get("sequential"))))
     calib = ROOT / "calib" / "fmnist-512"
     if not calib.exists():
         sys.path.insert(0, str(ROOT / "calib"))
@@ -76,13 +140,13 @@ def run(args) -> None:
             for norm in args.norms:
                 for ratio in args.ratios:
                     for seq in args.sequential:
-                        key = (name, method, norm, ratio, seq)
+                        key = (name, method, norm, ratio, _seq_label(seq, norm))
                         if key in done:
                             continue
-                        cfg = MethodConfig(norm=norm, max_iter=args.max_iter)
+                        base_method, cfg = method_config(method, norm, args.max_iter)
                         t = time.time()
                         try:
-                            res = compress(model, str(calib), ratio=ratio, method=method, norm=norm,
+                            res = compress(model, str(calib), ratio=ratio, method=base_method, norm=norm,
                                            config=cfg, transform=TRANSFORM, sequential=seq, batch_size=128,
                                            show_progress=False)
                         except Exception as exc:  # record failures instead of losing the run
@@ -99,12 +163,20 @@ def run(args) -> None:
                         row = {
                             "model": name, "method": method, "norm": norm, "ratio_target": ratio,
                             "sequential": res.report.settings["sequential"], "base_accuracy": base_acc,
+                            "sequential_layers": sum(1 for l in res.report.layers if l.note == "sequential"),
                             "accuracy": acc, "ratio": res.report.ratio, "macs_ratio": res.report.macs_ratio,
                             "params": res.report.params_after, "params_before": res.report.params_before,
                             "macs": res.report.macs_after, "macs_before": res.report.macs_before,
                             "latency_ms": lat["compressed"], "dense_latency_ms": lat["dense"],
                             "seconds": seconds, "threads": torch.get_num_threads(),
+                            "bytes": 4 * res.report.params_after,
                         }
+                        if args.quantize:
+                            row["quantized_accuracy"] = quantized_accuracies(res.model, res.report, xt, yt)
+                        stab = [r.info for r in res.report.layers if "sensitivity_after" in r.info]
+                        if stab:
+                            row["sensitivity"] = {"before": sum(i["sensitivity_before"] for i in stab),
+                                                  "after": sum(i["sensitivity_after"] for i in stab)}
                         print(json.dumps(row), flush=True)
                         with open(out, "a") as f:
                             f.write(json.dumps(row) + "\n")
@@ -122,14 +194,29 @@ def render() -> None:
                   f"{rs[0]['params_before'] / 1e6:.2f}M parameters, {rs[0]['macs_before'] / 1e6:.1f}M multiply-adds, BN folded)", "",
                   "| method | norm | seq | target | params ratio | MACs ratio | top-1 | drop | latency b1 / b32 ms (dense) | speedup b1 / b32 | time s |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in sorted(rs, key=lambda r: (r["method"], r["norm"], r["ratio_target"], r["sequential"])):
+        for r in sorted(rs, key=lambda r: (r["method"], r["norm"], r["ratio_target"], _seq_label(r["sequential"]))):
             lat, dl = r["latency_ms"], r["dense_latency_ms"]
+            seq = _seq_label(r["sequential"])
+            if seq == "auto":
+                seq += f" ({r.get('sequential_layers', '?')} seq)"
             lines.append(
-                f"| {r['method']} | {r['norm']} | {'yes' if r['sequential'] else 'no'} | {r['ratio_target']:g}x | "
+                f"| {r['method']} | {r['norm']} | {seq} | {r['ratio_target']:g}x | "
                 f"{r['ratio']:.2f}x | {r['macs_ratio']:.2f}x | {100 * r['accuracy']:.2f}% | "
                 f"{100 * (base - r['accuracy']):+.2f} | {lat['batch1']:.2f} / {lat['batch32']:.1f} "
                 f"({dl['batch1']:.2f} / {dl['batch32']:.1f}) | {dl['batch1'] / lat['batch1']:.2f}x / "
                 f"{dl['batch32'] / lat['batch32']:.2f}x | {r['seconds']:.0f} |")
+        qs = [r for r in rs if "quantized_accuracy" in r]
+        if qs:
+            lines += ["", "Factor precision (same compressed models; loss against each row's own float32 accuracy):", "",
+                      "| method | norm | target | float32 | float16 | int8 / out. channel | int8 loss | sensitivity (sum over layers) |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for r in sorted(qs, key=lambda r: (r["ratio_target"], r["method"], r["norm"])):
+                qa, ss = r["quantized_accuracy"], r.get("sensitivity")
+                lines.append(
+                    f"| {r['method']} | {r['norm']} | {r['ratio_target']:g}x | {100 * r['accuracy']:.2f}% | "
+                    f"{100 * qa['float16']:.2f}% | {100 * qa['int8']:.2f}% | "
+                    f"{100 * (r['accuracy'] - qa['int8']):+.2f} | "
+                    + (f"{ss['before']:.3g} -> {ss['after']:.3g}" if ss else "-") + " |")
         failed = [r for r in rows if r["model"] == name and "error" in r]
         for r in failed:
             lines.append(f"| {r['method']} | {r['norm']} | - | {r['ratio_target']:g}x | failed: {r['error'][:80]} |")
@@ -148,11 +235,12 @@ def render() -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
     for ax, name in zip(axes[0], models):
         rs = [r for r in rows if r["model"] == name and "accuracy" in r]
-        for key in sorted({(r["method"], r["norm"], r["sequential"]) for r in rs}):
-            pts = sorted((r["ratio"], 100 * r["accuracy"]) for r in rs if (r["method"], r["norm"], r["sequential"]) == key)
+        keyf = lambda r: (r["method"], r["norm"], _seq_label(r["sequential"]))  # noqa: E731
+        for key in sorted({keyf(r) for r in rs}):
+            pts = sorted((r["ratio"], 100 * r["accuracy"]) for r in rs if keyf(r) == key)
             style = "-" if key[1] == "sigma" else "--"
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o",
-                    label=f"{key[0]} {key[1]}" + (" seq" if key[2] else ""))
+                    label=f"{key[0]} {key[1]}" + ("" if key[2] == "off" else f" seq {key[2]}"))
         ax.axhline(100 * rs[0]["base_accuracy"], color="gray", linestyle=":", label="original")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("compression ratio (parameters)")
@@ -167,7 +255,8 @@ def render() -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["resnet18", "vgg"])
+    ap.add_argument("--models", nargs="+", default=["resnet18", "vgg"],
+                    help="reference models of examples/train_reference.py (resnet18, vgg, mobilenet_v3_small)")
     ap.add_argument("--methods", nargs="+", default=["svd", "tucker2", "cp3", "cp4", "auto"])
     ap.add_argument("--norms", nargs="+", default=["frobenius", "sigma"])
     ap.add_argument("--ratios", nargs="+", type=float, default=[2, 4, 8, 16])
@@ -175,6 +264,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-iter", type=int, default=25)
     ap.add_argument("--latency-rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--quantize", action="store_true",
+                    help="also measure accuracy with factors in float16 and int8 per output channel")
     ap.add_argument("--render", action="store_true", help="only render the table and plot")
     args = ap.parse_args(argv)
     args.sequential = [None if s == "auto" else s == "on" for s in args.sequential]
