@@ -1,6 +1,8 @@
 """Low-rank + sparse at equal storage: output error and latency.
 
 Run: ``.venv/bin/python benchmarks/lrs.py [--quick]`` (writes ``benchmarks/results/lrs.txt``).
+Solver timing only (the ``ddtd.methods`` ``_lrs`` path on 3x3 convs 64x576 ... 512x4608):
+``.venv/bin/python benchmarks/lrs.py --timing [--sizes 64,128] [--reference-max 128]``.
 
 Storage is counted in 4-byte units: factors + values, plus one int32 index per nonzero (see
 ``ddtd.solvers.lrs.INDEX_UNITS``).  Errors are the relative output error
@@ -26,7 +28,7 @@ from ddtd.layers.sparse import LowRankSparse  # noqa: E402
 from ddtd.solvers.lrs import (INDEX_UNITS, lowrank_sparse, magnitude_prune, sigma_prune,  # noqa: E402
                               split_budget)
 from ddtd.solvers.svd import sigma_svd  # noqa: E402
-from ddtd.solvers.synthetic import activation_images, structured_kernel  # noqa: E402
+from ddtd.solvers.synthetic import activation_images, activation_sigma, structured_kernel  # noqa: E402
 
 F64 = torch.float64
 
@@ -67,9 +69,53 @@ def latency(m, x, n=30):
     return (time.perf_counter() - t) / n * 1e3
 
 
+def lrs_path(W, sigma, budget, search="refine", **kw):
+    """What ``ddtd.methods._lrs`` runs at a budget: the split search (4 rounds per split), then
+    the chosen split refitted (20 rounds, ``init='auto'``).  Returns ``(wall s, cpu s, result)``
+    (the CPU time of this process: the wall time depends on the machine's load)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    rank, nnz, _, _ = split_budget(W, sigma, budget, lowrank="svd", max_iter=4, name="conv",
+                                   search=search, **kw)
+    res = lowrank_sparse(W, sigma, rank, nnz, lowrank="svd", max_iter=20, name="conv", **kw)
+    return time.perf_counter() - t0, time.process_time() - c0, res
+
+
+def timing(say, sizes, reference_max):
+    """Seconds and final relative Sigma error of the ``_lrs`` path on a ``C -> C`` 3x3 conv
+    (``D = 9 C``) at half the dense storage, Sigma = uncentred covariance of ReLU activations of
+    a random conv on correlated noise (3 D samples).  ``new`` = the defaults (size-batched,
+    cached row factorisations, refined split search, CG for supports too costly to factorise);
+    ``reference`` = ``row_solver='exact', search='grid'`` (every row solve an exact
+    factorisation, every split fraction fitted).  Wall and CPU seconds of this process (on a
+    loaded machine the wall time is several times the CPU time)."""
+    say()
+    say("timing: ddtd.methods._lrs path (split_budget max_iter=4 + refit max_iter=20, init auto), "
+        "3x3 conv C->C, budget = dense / 2, 1 thread")
+    say(f"  {'layer':>10s} {'new wall/cpu s':>15s} {'new err':>10s} {'rank/nnz':>12s} "
+        f"{'ref wall/cpu s':>15s} {'ref err':>10s} {'rank/nnz':>12s}")
+    for C in sizes:
+        D = 9 * C
+        sigma = activation_sigma(C, 3, max(16, (3 * D) // 196 + 1), 14, seed=1, centred=False)
+        W = structured_kernel(C, C, 3, seed=3, decay=0.5, noise=0.5).to(F64)
+        budget = W.numel() // 2
+        cols = []
+        runs = [{}] + ([dict(row_solver="exact", search="grid")] if C <= reference_max else [])
+        for kw in runs:
+            wall, cpu, res = lrs_path(W, sigma, budget, **kw)
+            cols.append(f"{f'{wall:.1f}/{cpu:.1f}':>15s} {res.rel_error:10.5f} "
+                        f"{f'{res.rank[0]}/{res.nnz}':>12s}")
+        if len(cols) == 1:
+            cols.append(f"{'-':>15s} {'-':>10s} {'-':>12s}")
+        say(f"  {f'{C}x{D}':>10s} {cols[0]} {cols[1]}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--timing", action="store_true", help="only the solver timing section")
+    ap.add_argument("--sizes", default="64,128,256,512", help="timing: conv widths C (D = 9 C)")
+    ap.add_argument("--reference-max", type=int, default=128,
+                    help="timing: run the exact-everything reference up to this width")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "lrs.txt"))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -84,6 +130,13 @@ def main():
         f"{platform.machine()}  load {os.getloadavg()[0]:.2f}")
     say("storage units = 4-byte words: factors + values + 1 int32 index per nonzero; "
         "errors = relative output error on held-out images (Sigma from the other half)")
+    if args.timing:
+        timing(say, [int(c) for c in args.sizes.split(",")], args.reference_max)
+        out = os.path.splitext(args.out)[0] + "_timing.txt"
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with open(out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        return
     cases = [("1x1 conv 96->576 (MobileNet expand)", "pw", 96, 576, 1.0),
              ("pointwise 144->48 after depthwise 3x3", "dws", 144, 48, 0.6),
              ("Linear 384->384 (tokens)", "lin", 384, 384, 0.7)]

@@ -2,6 +2,13 @@
 
     .venv/bin/python benchmarks/stable_cp.py            # full (a few minutes)
     .venv/bin/python benchmarks/stable_cp.py --quick    # one small case
+    .venv/bin/python benchmarks/stable_cp.py --timing-only --timing-sizes 64,128,256,512
+
+Second section ("timing"): seconds of stable_cp on 64-, 128-, 256- and 512-channel 3x3 layers
+(ranks about 8x compression for the wide ones) with the call the pipeline makes (max_sweeps=30,
+tol=1e-3, direct_max=1024), old settings (rows='block': exact row blocks of floor(1024 / R)
+rows, no extrapolation, no GFLOP cap -- the original scheme; only up to --old-max channels, it
+takes minutes) next to the new defaults (majorised rows, extrapolation, max_gflop=400).
 
 Setting: a trained-like kernel (power-law spectrum + noise, ddtd.solvers.synthetic.structured_kernel)
 and the centred covariance Sigma of unfolded 3x3 patches of synthetic ReLU activations
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import os
 import sys
 import time
@@ -96,12 +104,45 @@ def run_case(T, S_, R, args):
             f"{m['col']:>10.5f} {m['ss']:>10.4g}  {m['oc'] - m['f32']:>9.2e}")
 
 
+TIMING_CASES = {64: 133, 128: 181, 256: 141, 512: 285}
+
+
+def timing_case(C, R, args):
+    D = C * 9
+    t0 = time.perf_counter()
+    K = structured_kernel(C, C, 3, seed=0)
+    Sig = activation_sigma(C, 3, n_images=max(32, math.ceil(2 * D / 256)), size=16, seed=0)
+    als = cp_als(K, Sig, R, layout="cp3", max_iter=args.timing_als_iter, tol=1e-9, dtype=F64)
+    log(f"\n({C}, {C}, 3, 3) cp3 rank {R}: Sigma {D}x{D}, CP-ALS {als.n_iter} it "
+        f"(setup {time.perf_counter() - t0:.0f}s), raw ss {sensitivity(als.A, als.B, als.C):.4g}")
+    log(f"  {'settings':<34} {'sec':>7} {'sweeps':>6} {'ss before':>10} {'ss after':>10} "
+        f"{'ratio':>6} {'err before':>11} {'err after':>11}")
+    runs = [("new (defaults)", {})]
+    if C <= args.old_max:
+        runs.insert(0, ("old (rows=block, no extrap/cap)",
+                        dict(rows="block", extrapolate=False, max_gflop=None)))
+    for nm, kw in runs:
+        t0 = time.perf_counter()
+        st = stable_cp(K, Sig, R, layout="cp3", init=als, max_sweeps=30, tol=1e-3, direct_max=1024,
+                       dtype=F64, **kw)
+        sec = time.perf_counter() - t0
+        log(f"  {nm:<34} {sec:>7.1f} {st.n_iter:>6} {st.sensitivity_before:>10.4g} "
+            f"{st.sensitivity_after:>10.4g} {st.sensitivity_before / st.sensitivity_after:>6.3f} "
+            f"{st.init_rel_error:>11.6g} {st.rel_error:>11.6g}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--als-iter", type=int, default=200)
     ap.add_argument("--sweeps", type=int, default=40)
+    ap.add_argument("--timing-only", action="store_true", help="only the timing section")
+    ap.add_argument("--timing-sizes", default="64,128,256,512",
+                    help="channel counts of the timing section (comma separated; '' to skip)")
+    ap.add_argument("--timing-als-iter", type=int, default=25)
+    ap.add_argument("--old-max", type=int, default=64,
+                    help="run the old settings up to this many channels (slow)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     log("command: .venv/bin/python benchmarks/stable_cp.py" + " ".join([""] + sys.argv[1:]))
@@ -109,10 +150,19 @@ def main():
         f"als-iter {args.als_iter}  sweeps {args.sweeps}")
     log("errors: relative squared Sigma error of the kernel rebuilt from the (rounded) factors")
     cases = [(32, 32, 48)] if args.quick else [(32, 32, 48), (64, 64, 96)]
-    for T, S_, R in cases:
-        run_case(T, S_, R, args)
+    if not args.timing_only:
+        for T, S_, R in cases:
+            run_case(T, S_, R, args)
+    sizes = [int(x) for x in args.timing_sizes.split(",") if x.strip()]
+    if args.quick and not args.timing_only:
+        sizes = []
+    if sizes:
+        log("\n== timing (1 thread unless --threads): stable_cp as the pipeline calls it")
+        for C in sizes:
+            timing_case(C, TIMING_CASES.get(C, max(8, C * C * 9 // (8 * (2 * C + 9)))), args)
     if not args.quick:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "stable_cp.txt")
+        fn = "stable_cp_timing.txt" if args.timing_only else "stable_cp.txt"
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", fn)
         with open(path, "w") as f:
             f.write(OUT.getvalue())
         print(f"written {path}")

@@ -218,7 +218,7 @@ def _lrs(weight, sigma, budget, cfg: MethodConfig, name):
 
     opts = _options(cfg, "lrs")
     kw = {k: opts[k] for k in ("mode", "init", "lowrank", "candidates", "switch_tol") if k in opts}
-    iters = int(opts.get("iters", min(cfg.max_iter, 20)))
+    iters = int(opts.get("iters", min(cfg.max_iter, 10)))
     groups = opts.get("groups")
     sig = _lrs_sigma(sigma)
     extra = {"groups": groups} if groups else {}
@@ -228,11 +228,13 @@ def _lrs(weight, sigma, budget, cfg: MethodConfig, name):
     T = weight.shape[0]
     D = int(math.prod(weight.shape[1:]))
     if sparsity is None:
+        split_iter = int(opts.get("split_iter", 3))
         rank, nnz, res, _ = L.split_budget(weight, sig, budget, lowrank=lowrank, name=name,
-                                           max_iter=int(opts.get("split_iter", 4)), **extra, **kw)
-        if iters > int(opts.get("split_iter", 4)):
-            res = L.lowrank_sparse(weight, sig, rank, nnz, lowrank=lowrank, max_iter=iters, name=name,
-                                   **extra, **kw)
+                                           max_iter=split_iter, **extra, **kw)
+        if iters > split_iter:  # refit the chosen split longer (from the data start unless told)
+            refit = L.lowrank_sparse(weight, sig, rank, nnz, lowrank=lowrank, max_iter=iters, name=name,
+                                     **extra, **{"init": "data", **kw})
+            res = refit if refit.rel_error <= res.rel_error else res
     else:
         if not 0.0 <= float(sparsity) <= 1.0:
             raise InputError(f"layer '{name}': sparsity {sparsity} outside [0, 1]",

@@ -622,3 +622,48 @@ def test_grouped_layer_forward_equals_dense_and_rebuilds(case, tmp_path):
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+# ------------------------------------------------------------------------------ fast paths
+
+def test_row_solve_batches_cached_factors_and_cg_paths():
+    """Size-batched / cached exact row solves equal the per-row least squares; the CG row
+    solver (used when factorising a support is too costly) is a descent step close to exact."""
+    from ddtd.solvers import lrs as L
+    X = activation_patches(8, 3, 8, 10, seed=11).to(F64)
+    sigma = X.T @ X / X.shape[0]
+    W = structured_kernel(20, 8, 3, seed=12, noise=0.4).to(F64)
+    Wm = W.reshape(20, -1)
+    g = torch.Generator().manual_seed(3)
+    mask = torch.rand(20, 72, generator=g) < torch.linspace(0.02, 0.6, 20)[:, None]  # uneven rows
+    fac = L._factor_rows(sigma, mask, chunk_bytes=8 * 40 * 40 * 2)                   # small batches
+    S1 = L._solve_rows(Wm, sigma, mask, Wm @ sigma, factors=fac)
+    S2 = solve_rows(Wm, sigma, mask)
+    for t in range(20):
+        J = mask[t].nonzero().squeeze(1)
+        want = torch.zeros(72, dtype=F64)
+        if len(J):
+            want[J] = torch.linalg.solve(sigma[J][:, J], (Wm[t] @ sigma)[J])
+        assert torch.allclose(S1[t], want, atol=1e-8, rtol=1e-8), t
+    assert torch.allclose(S1, S2, atol=1e-10, rtol=1e-9)
+    ex = lowrank_sparse(W, sigma, 3, 300, init="data", max_iter=8, row_solver="exact", dtype=F64)
+    cg = lowrank_sparse(W, sigma, 3, 300, init="data", max_iter=8, row_solver="cg", cg_iter=40,
+                        dtype=F64)
+    h = cg.history
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(h, h[1:]))
+    assert cg.rel_error == pytest.approx(h[-1], rel=1e-8)
+    assert cg.rel_error < 1.02 * ex.rel_error
+    with pytest.raises(InputError, match="row_solver"):
+        lowrank_sparse(W, sigma, 3, 300, row_solver="lu")
+
+
+def test_split_budget_refined_search_matches_grid():
+    X = activation_patches(16, 3, 6, 10, seed=2).to(F64)
+    sigma = X.T @ X / X.shape[0]
+    K = structured_kernel(32, 16, 3, seed=3, noise=0.3).to(F64)
+    budget = 32 * 144 // 3
+    r1, n1, res1, t1 = split_budget(K, sigma, budget, max_iter=3, search="grid")
+    r2, n2, res2, t2 = split_budget(K, sigma, budget, max_iter=3)
+    assert (r1, n1) == (r2, n2) and res2.rel_error == pytest.approx(res1.rel_error, rel=1e-9)
+    assert len(t2) < len(t1) and set(t2) <= set(t1)
+    assert [row[0] for row in t2] == sorted(row[0] for row in t2)

@@ -13,8 +13,8 @@ import torch
 
 from ddtd.errors import InputError, NumericalError
 from ddtd.solvers import CPResult, cp_als
-from ddtd.solvers.stable_cp import (StableCPResult, balance, ellipsoid_least_norm, sensitivity,
-                                    stable_cp)
+from ddtd.solvers.stable_cp import (StableCPResult, _Group, _secular, balance,
+                                    ellipsoid_least_norm, sensitivity, stable_cp)
 
 F64 = torch.float64
 
@@ -287,6 +287,112 @@ def test_errors_name_the_layer():
         stable_cp(K, None, 3, init=init, layout="cp4", name="conv7")
     with pytest.raises(InputError, match="rank"):
         stable_cp(K, None, 4, init=init, name="conv7")
+
+
+# ----------------------------------------------------------------------------- row updates (wide layers)
+
+
+@pytest.mark.parametrize("rows", ["majorize", "exact", "block"])
+def test_row_paths_feasible_monotone_and_reduce(rows):
+    # direct_max below n_k R for both input factors forces the row-wise updates
+    T, S, k, R = 10, 12, 3, 6
+    K = randn(T, S, k, k, seed=11)
+    Sg = aniso_sigma(S * k * k, seed=11)
+    init = cp_als(K, Sg, R, max_iter=15, dtype=F64, seed=1)
+    base = base_of(K, Sg)
+    res = stable_cp(K, Sg, R, init=init, max_sweeps=12, direct_max=2 * R, rows=rows, exact_rows=0,
+                    dtype=F64)
+    check_run(res, K, Sg, base)
+    assert res.delta ** 2 == pytest.approx(init.rel_error * base, rel=1e-6)
+    assert res.sensitivity_after < 0.95 * res.sensitivity_before
+
+
+def test_majorizer_dominates_the_diagonal_blocks():
+    S, k = 7, 3
+    D = S * k * k
+    Sg = aniso_sigma(D, cond=1e4, seed=3)
+    Sg[:, 9:18] = 0         # a dead channel: alpha = 0
+    Sg[9:18, :] = 0
+    G = _Group(randn(4, D, seed=1), Sg, (S, k * k), 1.0, 8, "majorize", 0, None)
+    for mode in range(2):
+        Sbar, alpha = G.majorizer(mode)
+        idx = G.idx[mode]
+        for i in range(idx.shape[0]):
+            blk = Sg[idx[i]][:, idx[i]]
+            gap = torch.linalg.eigvalsh(alpha[i] * Sbar - blk)
+            assert float(gap.min()) >= -1e-12 * float(torch.linalg.eigvalsh(blk).max().clamp_min(1e-300))
+    assert float(G.majorizer(0)[1][1]) == 0.0
+    # the solver on it: the dead channel's row of B carries no error and goes to zero
+    K = randn(6, S, k, k, seed=13)
+    init = cp_als(K, Sg, 4, max_iter=10, dtype=F64)
+    res = stable_cp(K, Sg, 4, init=init, max_sweeps=6, direct_max=8, rows="majorize",
+                    exact_rows=0, dtype=F64)
+    check_run(res, K, Sg, base_of(K, Sg))
+    assert float(res.B[1].abs().max()) == 0.0
+
+
+def test_secular_newton_warm_starts_agree():
+    g = torch.Generator().manual_seed(5)
+    n = 40
+    lam = torch.rand(n, generator=g, dtype=F64) ** 3
+    lam[:3] = 0                                  # null directions
+    h = torch.randn(n, generator=g, dtype=F64)
+    h[:3] = 0
+    w0 = torch.randn(n, generator=g, dtype=F64)
+    c0 = 1.0
+    H2, HW, W2 = (h * h).numpy(), (h * w0).numpy(), (w0 * w0).numpy()
+    q0 = c0 + float((2 * HW + lam.numpy() * W2).sum())
+    qinf = c0 - float((H2[3:] / lam.numpy()[3:]).sum())
+    for frac in (0.999, 0.5, 1e-3):
+        bound = qinf + frac * (q0 - qinf)
+        mus = [_secular(lam.numpy(), H2, HW, W2, c0, bound, mu0)[:2] for mu0 in (None, 1e-6, 1.0, 1e6)]
+        for mu, q in mus:
+            assert q <= bound + 1e-12 * abs(bound)
+            assert q == pytest.approx(bound, rel=1e-9, abs=1e-12 * (q0 - qinf))
+            assert mu == pytest.approx(mus[0][0], rel=1e-6)
+    # bound above q(0): mu = 0; below the unconstrained minimum: infeasible
+    assert _secular(lam.numpy(), H2, HW, W2, c0, q0 + 1.0)[0] == 0.0
+    assert _secular(lam.numpy(), H2, HW, W2, c0, qinf - 1.0)[2] is False
+
+
+def test_planted_degenerate_with_majorised_rows():
+    K, init = planted_degenerate(T=8, S=10, R0=3)
+    Sg = aniso_sigma(K[0].numel(), cond=1e2)
+    base = base_of(K, Sg)
+    res = stable_cp(K, Sg, 5, init=init, max_sweeps=80, direct_max=10, rows="majorize",
+                    exact_rows=0, dtype=F64)
+    check_run(res, K, Sg, base)
+    assert res.sensitivity_after * 10 <= res.sensitivity_before
+
+
+def test_max_gflop_caps_the_sweeps_and_extrapolation_off():
+    K = randn(6, 5, 3, 3, seed=12)
+    Sg = aniso_sigma(45, seed=12)
+    init = cp_als(K, Sg, 5, max_iter=10, dtype=F64)
+    base = base_of(K, Sg)
+    capped = stable_cp(K, Sg, 5, init=init, max_sweeps=50, tol=0.0, max_gflop=1e-9, dtype=F64)
+    assert capped.n_iter == 3 and not capped.converged
+    check_run(capped, K, Sg, base)
+    plain = stable_cp(K, Sg, 5, init=init, max_sweeps=6, extrapolate=False, rows="exact",
+                      direct_max=5, dtype=F64)
+    check_run(plain, K, Sg, base)
+    with pytest.raises(InputError, match="rows"):
+        stable_cp(K, Sg, 5, init=init, rows="fast")
+
+
+def test_exact_fit_depthwise_groups():
+    # one output channel per group: the CP start is exact (delta ~ 0); rounding must not make
+    # the solver reject or revert anything, and the error stays at rounding level
+    g = 6
+    K = randn(g, 1, 3, 3, seed=14)
+    X = randn(g, 50, 9, seed=15)
+    Sg = torch.einsum("gni,gnj->gij", X, X) / 50
+    init = cp_als(K, Sg, 2, max_iter=10, groups=g, dtype=F64)
+    res = stable_cp(K, Sg, 2, init=init, max_sweeps=5, dtype=F64)
+    base = sum(base_of(K[i:i + 1], Sg[i]) for i in range(g))
+    assert res.rel_error < 1e-12
+    assert res.sensitivity_after <= res.sensitivity_before * (1 + 1e-12)
+    assert abs_err(K, res.kernel().reshape(K.shape), None) < 1e-10 * base
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -59,6 +59,21 @@ the sparse entries also compensate the residual outside ``J`` through the correl
 ``Sigma``.)  ``Sigma_JJ`` is a principal submatrix of the floored ``Sigma`` (see
 :func:`ddtd.solvers._common.prepare_sigma`), hence positive definite.  Frobenius: ``s_J = R_tJ``.
 
+**Cost.**  The row solves dominate (``sum_t |J_t|^3`` flops plus gathering the ``Sigma_JJ``).
+Rows are batched by support size (each batch padded only to its own largest support); the
+Cholesky factors of the current support are cached, so the rounds of a fixed-support descent
+(and the ``'masked'`` initialisation) cost two triangular solves per row; proposal rules that
+fail are retried after 1, 2, 4, 8 stalled rounds (each proposal needs a fresh factorisation);
+the ``'masked'`` initialisation stops once its frozen-support descent stalls (``switch_tol``; the
+fit then continues the same descent).  Each round needs one ``T x D x D`` product: the svd step
+reuses ``W Sigma`` and ``X Sigma`` (``Go = (W - L) Sigma = W Sigma - A A^T X Sigma``) and the
+error after an exact solve is ``sum(R Go) - sum(S Go)`` (``S Sigma S^T = S Go`` on the
+support).  When factorising a support would cost more than ``cg_iter`` products with Sigma
+(``row_solver='auto'``: the large layers), the values are instead improved by at most
+``cg_iter`` steps of preconditioned conjugate gradients started from the current values (a
+descent step, not exact; preconditioner: the cached factors on the shared part of the support,
+``1 / Sigma_dd`` elsewhere).
+
 **Grouped convs** (weight ``(T, S/g, kh, kw)``, Sigma ``(g, D_g, D_g)``, ``D_g = (S/g) kh kw``,
 ``T_g = T/g``).  ``W`` is the ``(T, D_g)`` matrix ``weight.reshape(T, D_g)``; row ``t`` belongs to
 group ``k = t // T_g`` and is measured in that group's ``Sigma_k``:
@@ -101,7 +116,7 @@ import torch
 
 from ddtd.errors import InputError
 
-from ._common import (EPS_REL, F64, _where, check_finite, diverged, prepare_sigma, qr,
+from ._common import (EPS_REL, F64, _where, check_finite, diverged, eigh, prepare_sigma, qr,
                       resolve_device_dtype, spd_solve)
 from .svd import sigma_svd
 
@@ -330,53 +345,147 @@ def solve_rows(R: torch.Tensor, sigma: torch.Tensor | None, mask: torch.Tensor, 
     ``s_J = Sigma_t,JJ^{-1} (Sigma_t R_t^T)_J`` (module docstring), where ``Sigma_t = Sigma`` for a
     ``(D, D)`` Sigma and ``Sigma_t = Sigma[t // (T/g)]`` for a grouped ``(g, D, D)`` stack.
 
+    Rows are batched by support size (sorted, each batch padded only to its own largest
+    support), one batched Cholesky per batch.
+
     Args:
         R: ``(T, D)`` float64 residual to fit.
         sigma: ``(D, D)`` or ``(g, D, D)`` float64 positive definite (pass the floored Sigma),
             or ``None`` (Frobenius: ``s_J = R_tJ``).
         mask: ``(T, D)`` bool support.
         chunk_bytes: memory cap of the batched ``(rows, m, m)`` submatrices, ``m`` = the largest
-            row support.
+            row support of the batch.
 
     Returns:
         ``(T, D)`` float64 matrix ``S`` (zero outside ``mask``).
     """
     if sigma is None:
         return torch.where(mask, R, torch.zeros((), dtype=R.dtype, device=R.device))
-    T, D = R.shape
-    S = torch.zeros_like(R)
+    return _solve_rows(R, sigma, mask, _sig_mul(R, sigma), chunk_bytes=chunk_bytes)
+
+
+def _support_layout(mask: torch.Tensor):
+    """``(counts (T,), idx (T, m))``: each row's support columns first (ascending), then padding
+    (column 0); ``m`` = the largest support.  O(nnz)."""
+    T = mask.shape[0]
     counts = mask.sum(1)
     m = int(counts.max()) if T else 0
-    if m == 0:
-        return S
+    nz = mask.nonzero()
+    idx = torch.zeros(T, max(m, 1), dtype=torch.int64, device=mask.device)
+    if nz.shape[0]:
+        start = torch.cumsum(counts, 0) - counts
+        pos = torch.arange(nz.shape[0], device=mask.device) - start[nz[:, 0]]
+        idx[nz[:, 0], pos] = nz[:, 1]
+    return counts, idx[:, :m]
+
+
+def _solve_rows(R: torch.Tensor, sigma: torch.Tensor, mask: torch.Tensor, G: torch.Tensor, *,
+                chunk_bytes: int = 1 << 26, factors=None) -> torch.Tensor:
+    """:func:`solve_rows` with ``G = _sig_mul(R, sigma)`` given (the right-hand sides);
+    ``factors`` = :func:`_factor_rows` of ``(sigma, mask)`` to skip the factorisations."""
+    if factors is None:
+        factors = _factor_rows(sigma, mask, chunk_bytes=chunk_bytes)
+    S = torch.zeros_like(R)
+    for rows, idx, v, Lc, A in factors:
+        n, m = idx.shape
+        rhs = torch.where(v, G[rows[:, None], idx], torch.zeros((), dtype=F64, device=R.device))
+        if Lc is not None:
+            x = _chol_solve(Lc, rhs[..., None])[..., 0]
+        else:                                   # not cached: the robust solve
+            x = _batched_spd_solve(A[0], rhs, A[1])
+        S[rows[:, None].expand(n, m)[v], idx[v]] = x[v]
+    return S
+
+
+def _factor_rows(sigma: torch.Tensor, mask: torch.Tensor, *, chunk_bytes: int = 1 << 26):
+    """Cholesky factors of every row's ``Sigma_t,JJ``, batched by support size: a list of
+    ``(rows, idx, valid, Lc, A)``; a batch whose Cholesky fails even with jitter keeps
+    ``Lc = None`` and ``A = (submatrices, scale)`` for :func:`_batched_spd_solve`."""
+    T = mask.shape[0]
+    dev = mask.device
+    counts, idx_all = _support_layout(mask)
+    out = []
+    if idx_all.shape[1] == 0:
+        return out
     grouped = sigma.dim() == 3
-    G = _sig_mul(R, sigma)                                     # (T, D): rows (Sigma_t R_t^T)^T
     diag_mean = torch.diagonal(sigma, dim1=-2, dim2=-1).mean(-1)
     if grouped:
-        grp = torch.arange(T, device=R.device) // (T // sigma.shape[0])
+        grp = torch.arange(T, device=dev) // (T // sigma.shape[0])
         md_row = diag_mean[grp]
     else:
         md_row = diag_mean.expand(T)
-    md_row = torch.where(md_row > 0, md_row, torch.ones((), dtype=F64, device=R.device))
-    # columns of each row's support first (distinct indices; the tail is unused padding)
-    order = torch.argsort(mask.to(torch.int8), dim=1, descending=True, stable=True)[:, :m]
-    valid = torch.arange(m, device=R.device)[None, :] < counts[:, None]
-    per = max(1, chunk_bytes // (8 * m * m))
-    for i in range(0, T, per):
-        idx, v = order[i:i + per], valid[i:i + per]
-        if grouped:
-            sub = sigma[grp[i:i + per, None, None], idx[:, :, None], idx[:, None, :]]
-        else:
-            sub = sigma[idx[:, :, None], idx[:, None, :]]
-        md = md_row[i:i + per]
-        vv = v[:, :, None] & v[:, None, :]
-        sub = (torch.where(vv, sub, torch.zeros((), dtype=F64))
-               + torch.diag_embed((~v).to(F64) * md[:, None]))
-        rhs = torch.where(v, G[i:i + per].gather(1, idx), torch.zeros((), dtype=F64))
-        x = _batched_spd_solve(sub, rhs, md)
-        x = torch.where(v, x, torch.zeros((), dtype=F64))
-        S[i:i + per].scatter_(1, idx, x)
-    return S
+    md_row = torch.where(md_row > 0, md_row, torch.ones((), dtype=F64, device=dev))
+    cnt_sorted, rows_sorted = torch.sort(counts, descending=True, stable=True)
+    cnt_list = cnt_sorted.tolist()
+    i = 0
+    while i < T and cnt_list[i] > 0:
+        m = cnt_list[i]
+        per = max(1, chunk_bytes // (8 * m * m))
+        rows = rows_sorted[i:i + per]
+        rows = rows[cnt_sorted[i:i + per] > 0]
+        n = rows.shape[0]
+        idx = idx_all[rows, :m]
+        v = torch.arange(m, device=dev)[None, :] < counts[rows, None]
+        sub = _gather_sub(sigma, idx, grp[rows] if grouped else None)
+        cn = counts[rows].tolist()
+        if cn[-1] < m:                           # padding (sorted: the tail rows of the batch)
+            for k in range(n - 1, -1, -1):
+                c = cn[k]
+                if c == m:
+                    break
+                sub[k, c:, :] = 0.0                 # identity * md on the padded block
+                sub[k, :, c:] = 0.0
+                sub[k, c:, c:].diagonal().fill_(float(md_row[rows[k]]))
+        md = md_row[rows]
+        Lc = _batched_cholesky(sub, md)
+        out.append((rows, idx, v, Lc, None if Lc is not None else (sub, md)))
+        i += n
+    return out
+
+
+def _gather_sub(sigma: torch.Tensor, idx: torch.Tensor, grp) -> torch.Tensor:
+    """``sigma[(grp,) idx[:, :, None], idx[:, None, :]]`` as ``(n, m, m)``: one ``index_select``
+    of flat (int32 when they fit) indices, ~2x faster than advanced indexing on CPU."""
+    D = sigma.shape[-1]
+    it = torch.int32 if sigma.numel() < 2 ** 31 else torch.int64
+    i = idx.to(it)
+    flat = (i * D)[:, :, None] + i[:, None, :]
+    if grp is not None:
+        flat = flat + (grp.to(it) * (D * D))[:, None, None]
+    n, m = idx.shape
+    return sigma.reshape(-1).index_select(0, flat.reshape(-1)).reshape(n, m, m)
+
+
+def _factor_bytes(mask: torch.Tensor) -> int:
+    """Upper bound of the memory of :func:`_factor_rows` (float64)."""
+    c = mask.sum(1).to(torch.float64)
+    return int(8 * float((c * c).sum()) * 1.25) + 1
+
+
+def _batched_cholesky(A: torch.Tensor, md: torch.Tensor):
+    """Lower Cholesky factors of a batch of SPD ``A (n, m, m)``; failing systems get a growing
+    jitter relative to ``md (n,)`` (up to ``1e-2``); ``None`` if some still fail."""
+    Lc, info = torch.linalg.cholesky_ex(A)
+    bad = (info != 0) | ~torch.isfinite(Lc.diagonal(dim1=-2, dim2=-1)).all(-1)
+    jitter = 1e-12
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+    while bool(bad.any()):
+        if jitter > 1e-2:
+            return None
+        idx = bad.nonzero().squeeze(1)
+        Lb, ib = torch.linalg.cholesky_ex(A[idx] + jitter * md[idx][:, None, None] * eye)
+        ok = (ib == 0) & torch.isfinite(Lb.diagonal(dim1=-2, dim2=-1)).all(-1)
+        Lc[idx[ok]] = Lb[ok]
+        bad[idx[ok]] = False
+        jitter *= 100
+    return Lc
+
+
+def _chol_solve(Lc: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(Lc Lc^T)^{-1} b`` by two triangular solves (much faster than batched
+    ``cholesky_solve`` on CPU)."""
+    y = torch.linalg.solve_triangular(Lc, b, upper=False)
+    return torch.linalg.solve_triangular(Lc.mT, y, upper=True)
 
 
 def _batched_spd_solve(A: torch.Tensor, b: torch.Tensor, md) -> torch.Tensor:
@@ -387,7 +496,7 @@ def _batched_spd_solve(A: torch.Tensor, b: torch.Tensor, md) -> torch.Tensor:
     bb = b[..., None] if vec else b
     md = torch.as_tensor(md, dtype=A.dtype, device=A.device).expand(A.shape[0])
     Lc, info = torch.linalg.cholesky_ex(A)
-    x = torch.cholesky_solve(bb, Lc)
+    x = _chol_solve(Lc, bb)
     bad = (info != 0) | ~torch.isfinite(x).flatten(1).all(-1)
     jitter = 1e-12
     eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
@@ -494,6 +603,153 @@ class _LowRank:
             A, B = A @ Rq.T, Q.T
         self.B = B
         return A @ B, (A, B)
+
+
+#: memory cap of the cached row factorisations of the current support (bytes)
+CACHE_BYTES = 1 << 30
+ROW_SOLVERS = ("auto", "exact", "cg")
+
+
+class _Steps:
+    """The two block steps of the fit with shared products (one ``T x D x D`` product per round
+    instead of one per step / error evaluation) and cached row factorisations.
+
+    ``lowrank(X)`` returns ``(L, factors, Go)`` with ``Go = (W - L) Sigma`` (objective Sigma);
+    for an ordinary layer with ``lowrank='svd'`` the Sigma-SVD is done here directly and
+    ``Go = W Sigma - A (A^T X Sigma)`` reuses ``W Sigma`` (computed once) and ``X Sigma`` (needed
+    for the eigenproblem ``X Sigma X^T``).
+
+    ``solve(R, Go, M, S0)`` returns values ``S`` on ``M`` and the objective error of ``R - S``:
+
+    * exact (:func:`_solve_rows`); the Cholesky factors of the support's ``Sigma_JJ`` are kept
+      (up to :data:`CACHE_BYTES`), so the rounds of a fixed-support descent cost two triangular
+      solves per row.  The error comes from the identity (exact solutions, ``shift`` = the
+      floor ``sigma_solve - sigma_obj``): ``err = sum(R Go) - sum(S Go) + shift sum(S (R - S))``.
+    * or, when factorising this support is more expensive than ``cg_iter`` products with Sigma
+      (``row_solver='auto'``; see :func:`lowrank_sparse`), ``cg_iter`` rounds of Jacobi
+      preconditioned conjugate gradients on all rows at once, started from ``S0`` (the current
+      values): CG lowers every row's objective monotonically from its start, so the step is
+      still a descent step (not exact).  Error from the tracked ``S Sigma``.
+    """
+
+    def __init__(self, W, s_obj, s_solve, lr, row_solver="auto", cg_iter=30):
+        self.W, self.s_obj, self.s_solve, self.lr = W, s_obj, s_solve, lr
+        self.row_solver, self.cg_iter = row_solver, max(1, int(cg_iter))
+        self.fast = (lr.kind == "svd" and s_obj is not None and s_obj.dim() == 2
+                     and lr.g == 1 and not lr.shared)
+        self.WS = _sig_mul(W, s_obj) if self.fast else None
+        self.shift = None
+        self.cache = None                                     # (mask, factors)
+        self.n_factor = self.n_cg = 0
+        if s_obj is not None:
+            sh = (torch.diagonal(s_solve, dim1=-2, dim2=-1)
+                  - torch.diagonal(s_obj, dim1=-2, dim2=-1)).mean(-1)
+            if sh.dim() == 1:                                   # grouped: one per group
+                sh = sh.repeat_interleave(W.shape[0] // sh.shape[0])[:, None]
+            self.shift = sh
+            d = torch.diagonal(s_solve, dim1=-2, dim2=-1)
+            if d.dim() == 2:
+                d = d.repeat_interleave(W.shape[0] // d.shape[0], dim=0)
+            self.dinv = 1.0 / d.clamp_min(1e-300)
+
+    def lowrank(self, X):
+        lr = self.lr
+        if not self.fast:
+            L, fac = lr.fit(X)
+            R = self.W - L
+            return L, fac, (R if self.s_obj is None else _sig_mul(R, self.s_obj))
+        XS = X @ self.s_obj
+        w, V = eigh(XS @ X.T)                                     # ascending
+        U = V[:, -lr.rank[0]:].flip(1)
+        B = U.T @ X
+        return U @ B, (U, B), self.WS - U @ (U.T @ XS)
+
+    def _affordable(self, M):
+        """Factorising ``M``'s ``Sigma_JJ`` costs at most ``cg_iter`` products with Sigma."""
+        if self.row_solver == "exact":
+            return True
+        if self.row_solver == "cg":
+            return False
+        T, D = M.shape
+        c = M.sum(1).to(torch.float64)
+        # measured (CPU, float64), in flops of a dense product: a batched Cholesky flop ~3, a
+        # gathered element of Sigma_JJ ~400
+        exact = float((c ** 3).sum()) + 400.0 * float((c * c).sum())
+        return exact <= self.cg_iter * 2.0 * T * D * D
+
+    def solve(self, R, Go, M, S0=None):
+        if self.s_obj is None:
+            S = torch.where(M, R, torch.zeros((), dtype=F64, device=R.device))
+            E = R - S
+            return S, float((E * E).sum())
+        Gs = Go + self.shift * R
+        hit = self.cache is not None and torch.equal(self.cache[0], M)
+        if not hit and not self._affordable(M):
+            # preconditioned with the cached factors of the current support when there are any
+            # (exact there; a candidate support shares most of it)
+            return self._cg(R, Go, Gs, M, S0, self.cache)[:2]
+        if hit:
+            fac = self.cache[1]
+        else:
+            fac = _factor_rows(self.s_solve, M)
+            self.n_factor += 1
+            if _factor_bytes(M) <= CACHE_BYTES:
+                self.cache = (M, fac)
+        S = _solve_rows(R, self.s_solve, M, Gs, factors=fac)
+        err = float((R * Go).sum() - (S * Go).sum() + (self.shift * S * (R - S)).sum())
+        return S, max(err, 0.0)
+
+    def _precond(self, r, M, cache):
+        """``z = P^{-1} r`` on the support ``M``: ``(Sigma_JJ^{-1})_KK`` on ``K = J cap M`` (``J``
+        the cached support, a principal submatrix of an SPD inverse) and ``1 / Sigma_dd`` on
+        ``M \\ J``: SPD, and exact when ``M = J``."""
+        z = r * self.dinv
+        if cache is not None:
+            for rows, idx, v, Lc, _ in cache[1]:
+                if Lc is None:
+                    continue
+                n, m = idx.shape
+                rr = torch.where(v, r[rows[:, None], idx], torch.zeros((), dtype=F64))
+                y = _chol_solve(Lc, rr[..., None])[..., 0]
+                keep = v & M[rows[:, None], idx]
+                z[rows[:, None].expand(n, m)[keep], idx[keep]] = y[keep]
+        return torch.where(M, z, torch.zeros((), dtype=F64))
+
+    def _cg(self, R, Go, Gs, M, S0, cache, gap=1e-5):
+        """Preconditioned CG on every row's ``Sigma_JJ s_J = (Gs)_J`` from ``S0``, at most
+        ``cg_iter`` products with Sigma.  Returns ``(S, err, converged)``; converged: a step
+        lowered the error by less than ``gap`` times the error (stagnation)."""
+        self.n_cg += 1
+        s = self.s_solve
+        zero = torch.zeros((), dtype=F64, device=R.device)
+        X = torch.where(M, S0 if S0 is not None else R, zero)
+        XS = _sig_mul(X, s)
+        r = torch.where(M, Gs - XS, zero)
+        z = self._precond(r, M, cache)
+        p = z
+        rz = (r * z).sum(1)
+        def error():
+            return float(((R - X) * (Go - (XS - self.shift * X))).sum())
+
+        ok = False
+        for _ in range(self.cg_iter):
+            if ok:
+                break
+            Ap = _sig_mul(p, s)
+            pAp = (p * Ap).sum(1)
+            good = pAp > 0
+            alpha = torch.where(good, rz / torch.where(good, pAp, 1.0), zero)[:, None]
+            X = X + alpha * p
+            XS = XS + alpha * Ap
+            r = r - alpha * torch.where(M, Ap, zero)
+            z = self._precond(r, M, cache)
+            rz_new = (r * z).sum(1)
+            # CG lowers the objective by alpha r^T z per step: stop once that stagnates
+            ok = float((alpha[:, 0] * rz).sum()) <= gap * error()
+            beta = torch.where(rz > 0, rz_new / torch.where(rz > 0, rz, 1.0), zero)[:, None]
+            p = z + beta * p
+            rz = rz_new
+        return X, max(error(), 0.0), ok
 
 
 def _resolve_groups(weight, sigma, groups, name) -> int:
@@ -632,7 +888,8 @@ def lowrank_sparse(weight: torch.Tensor, sigma: torch.Tensor | None, rank, nnz: 
                    candidates: tuple = ("energy", "gradient"), switch_tol: float = 1e-2,
                    damping: float = 0.0, eps_rel: float = EPS_REL, device=None,
                    dtype: torch.dtype | None = None, name: str | None = None,
-                   groups: int | None = None, basis_iter: int = 10) -> LRSResult:
+                   groups: int | None = None, basis_iter: int = 10,
+                   row_solver: str = "auto", cg_iter: int = 30) -> LRSResult:
     """Fit ``W~ = L + S`` (or the masking form) to ``weight`` in the Sigma metric.
 
     Args:
@@ -668,6 +925,11 @@ def lowrank_sparse(weight: torch.Tensor, sigma: torch.Tensor | None, rank, nnz: 
         groups: the conv's groups (inferred from a 3-D ``sigma``; give it when ``sigma`` is
             ``None``).  See the module docstring for the grouped and depthwise models.
         basis_iter: alternation rounds of the depthwise shared-basis fit per (a) step.
+        row_solver: the row solves (module docstring, "Cost"): ``'auto'`` (exact, cached
+            Cholesky factorisations; conjugate gradients when factorising a support costs more
+            than ``cg_iter`` products with Sigma), ``'exact'`` (always factorise) or ``'cg'``
+            (always conjugate gradients, a descent step per solve).
+        cg_iter: cap on the conjugate-gradient steps (products with Sigma) per row solve.
 
     Returns:
         :class:`LRSResult`.
@@ -679,7 +941,7 @@ def lowrank_sparse(weight: torch.Tensor, sigma: torch.Tensor | None, rank, nnz: 
         kw = dict(mode=mode, lowrank=lowrank, max_iter=max_iter, tol=tol, init_iter=init_iter,
                   tucker_iter=tucker_iter, candidates=candidates, switch_tol=switch_tol,
                   damping=damping, eps_rel=eps_rel, device=device, dtype=dtype, name=name,
-                  groups=g, basis_iter=basis_iter)
+                  groups=g, basis_iter=basis_iter, row_solver=row_solver, cg_iter=cg_iter)
         runs = [lowrank_sparse(weight, sigma, rank, nnz, init=i, **kw) for i in INITS[:3]]
         best = min(runs, key=lambda r: r.rel_error)
         return dataclasses.replace(best, seconds=time.perf_counter() - t0)
@@ -696,26 +958,36 @@ def lowrank_sparse(weight: torch.Tensor, sigma: torch.Tensor | None, rank, nnz: 
     lr = _LowRank(kind, rank, tuple(weight.shape), g, s_obj, s_solve, tucker_iter, basis_iter,
                   name)
 
+    if row_solver not in ROW_SOLVERS:
+        raise InputError(f"{_where(name)}: unknown row_solver {row_solver!r}",
+                         hint=f"use one of {ROW_SOLVERS}")
+    st = _Steps(W, s_obj, s_solve, lr, row_solver, cg_iter)
+
     # ---- initialisation
     if init == "residual":
-        L, fac = lr.fit(W)
+        L, fac, _ = st.lowrank(W)
         R = W - L
         M = _topk_mask(R.abs(), nnz)
         S = torch.where(M, R, torch.zeros((), dtype=F64))
+        err = _err(R - S, s_obj)
     elif init == "masked":
         M = _topk_mask(W.abs(), nnz)
         S = torch.zeros_like(W)
+        e_prev = math.inf
         for _ in range(max(1, init_iter)):
-            L, fac = lr.fit(W - S)
-            S = solve_rows(W - L, s_solve, M)
+            L, fac, Go = st.lowrank(W - S)
+            S, err = st.solve(W - L, Go, M, S)
+            if e_prev - err <= switch_tol * e_prev:        # the frozen-support descent stalled
+                break
+            e_prev = err
         if s_obj is None:
             S = torch.where(M, W - L, torch.zeros((), dtype=F64))
+            err = _err(W - L - S, s_obj)
     else:
-        L, fac = lr.fit(W)
+        L, fac, Go = st.lowrank(W)
         R = W - L
         M = _topk_mask(R.abs() * dsq, nnz)
-        S = solve_rows(R, s_solve, M)
-    err = _err(W - L - S, s_obj)
+        S, err = st.solve(R, Go, M)
     if not math.isfinite(err):
         raise diverged(name, "lowrank_sparse", "non-finite initial error")
     init_rel = err / base
@@ -726,26 +998,43 @@ def lowrank_sparse(weight: torch.Tensor, sigma: torch.Tensor | None, rank, nnz: 
 
     # ---- data-driven fit
     cur = err
+    rejected = []                      # candidate supports rejected in the previous round
+    wait, backoff = {}, {}             # per proposal rule: stalled rounds to skip, last skip
     for it in range(1, max_iter + 1):
-        L, fac = lr.fit(W - S)
+        L, fac, Go = st.lowrank(W - S)
         R = W - L
-        S = solve_rows(R, s_solve, M)
-        e_keep = _err(R - S, s_obj)
+        S, e_keep = st.solve(R, Go, M, S)
         # new supports only once the fixed-support descent stalls (see the module docstring)
-        if cur - e_keep <= switch_tol * cur:
+        stalled = cur - e_keep <= switch_tol * cur
+        if stalled:
+            # each proposal rule that fails is skipped for the next 1, 2, 4, 8 stalled rounds
+            # (a proposal costs a fresh factorisation; the fixed-support rounds reuse theirs),
+            # and a proposal identical to one rejected last round is not re-solved
             cands = []
-            if "energy" in candidates:
-                cands.append(_topk_mask(R.abs() * dsq, nnz))
-            if "gradient" in candidates and s_obj is not None:
-                Z = S + _sig_mul(R - S, s_obj) / (dsq * dsq).clamp_min(1e-300)
-                cands.append(_topk_mask(Z.abs() * dsq, nnz))
-            for Mc in cands:
-                if torch.equal(Mc, M):
+            for rule in candidates:
+                if rule == "gradient" and s_obj is None:
                     continue
-                Sc = solve_rows(R, s_solve, Mc)
-                ec = _err(R - Sc, s_obj)
+                if wait.get(rule, 0) > 0:
+                    wait[rule] -= 1
+                    continue
+                if rule == "energy":
+                    cands.append((rule, _topk_mask(R.abs() * dsq, nnz)))
+                elif rule == "gradient":
+                    Z = S + (Go - _sig_mul(S, s_obj)) / (dsq * dsq).clamp_min(1e-300)
+                    cands.append((rule, _topk_mask(Z.abs() * dsq, nnz)))
+            new_rejected = []
+            for rule, Mc in cands:
+                if torch.equal(Mc, M) or any(torch.equal(Mc, x) for x in rejected):
+                    continue
+                Sc, ec = st.solve(R, Go, Mc, torch.where(M, S, R))
                 if ec < e_keep:
                     e_keep, S, M = ec, Sc, Mc
+                    backoff[rule] = 0
+                else:
+                    new_rejected.append(Mc)
+                    backoff[rule] = min(2 * backoff.get(rule, 0) or 1, 8)
+                    wait[rule] = backoff[rule]
+            rejected = new_rejected
         if not math.isfinite(e_keep):
             raise diverged(name, "lowrank_sparse", f"non-finite error in round {it}")
         prev, cur = best[0], e_keep
@@ -816,7 +1105,7 @@ def sigma_prune(weight: torch.Tensor, sigma: torch.Tensor | None, nnz: int | Non
 def split_budget(weight: torch.Tensor, sigma: torch.Tensor | None, budget: int, *,
                  lowrank: str = "svd", fractions=(0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 1.0),
                  max_iter: int = 8, name: str | None = None, groups: int | None = None,
-                 **kwargs):
+                 search: str = "refine", **kwargs):
     """Split a storage ``budget`` (4-byte units, see :data:`INDEX_UNITS`) between the rank and the
     nonzeros so that the Sigma error is smallest.
 
@@ -829,6 +1118,11 @@ def split_budget(weight: torch.Tensor, sigma: torch.Tensor | None, budget: int, 
     :func:`lowrank_sparse` (``max_iter`` rounds, ``init='data'`` unless given in ``kwargs``,
     extra ``kwargs`` passed on); refit the chosen split with more rounds / ``init='auto'`` if
     wanted.  ``groups``: as in :func:`lowrank_sparse` (inferred from a 3-D ``sigma``).
+
+    ``search='refine'`` (default) fits the coarse grid first (every other fraction and the last
+    one), then the untried neighbours of the best fraction until the best stays put (5-7 of the
+    8 default fractions; assumes the error is unimodal in the fraction, which it was in every
+    layer measured); ``'grid'`` fits every fraction.
 
     Returns:
         ``(rank, nnz, result, table)``: the best split, its :class:`LRSResult`, and
@@ -850,33 +1144,61 @@ def split_budget(weight: torch.Tensor, sigma: torch.Tensor | None, budget: int, 
         raise InputError(f"{_where(name)}: lowrank='tucker2' makes no sense for a depthwise conv "
                          "(one input channel per group)",
                          hint="use lowrank='svd' (shared basis filters across channels)")
+    if search not in ("refine", "grid"):
+        raise InputError(f"{_where(name)}: unknown search {search!r}",
+                         hint="use 'refine' or 'grid'")
     kwargs.setdefault("init", "data")
+    fr = sorted(float(f) for f in fractions)
+    if search == "grid" or len(fr) <= 4:
+        order = list(range(len(fr)))
+    else:                                   # coarse grid first (every other fraction + the last)
+        order = sorted(set(range(0, len(fr), 2)) | {len(fr) - 1})
+    done = {}                                           # fraction index -> table row
     table, best = [], None
     tried = set()
-    for f in fractions:
-        lb = f * budget
-        if lowrank == "svd":
-            rmax = min(T, D) if (g == 1 or shared) else min(T // g, D)
-            r = min(int(lb // lowrank_params(shape, "svd", 1, g)), rmax)
-            rk = r
-        else:
-            r = 0
-            while (r < min(T // g, shape[1])
-                   and lowrank_params(shape, "tucker2", r + 1, g) <= lb):
-                r += 1
-            rk = (r, r)
-        nnz = (budget - lowrank_params(shape, lowrank, rk if r > 0 else 0, g)) \
-            // (1 + INDEX_UNITS)
-        nnz = max(0, min(int(nnz), T * D))
-        if (r, nnz) in tried or (r == 0 and nnz == 0):
-            continue
-        tried.add((r, nnz))
-        res = lowrank_sparse(weight, sigma, rk, nnz, lowrank=lowrank, max_iter=max_iter,
-                             name=name, groups=g, **kwargs)
-        table.append((float(f), r, nnz, res.rel_error))
-        if best is None or res.rel_error < best[2].rel_error:
-            best = (rk, nnz, res)
+    while order:
+        for i in order:
+            row = _split_one(weight, sigma, budget, fr[i], lowrank, shape, T, D, g, shared, tried,
+                             max_iter, name, kwargs)
+            done[i] = row
+            if row is None:
+                continue
+            table.append(row[0])
+            if best is None or row[1][2].rel_error < best[2].rel_error:
+                best = row[1]
+        if search == "grid" or best is None:
+            break
+        # refine: the untried neighbours of the best fraction, until the best stays put
+        ib = next(i for i, r in done.items() if r is not None and r[1] is best)
+        order = [j for j in (ib - 1, ib + 1) if 0 <= j < len(fr) and j not in done]
     if best is None:
         raise InputError(f"{_where(name)}: no split of budget {budget} is feasible",
                          hint="increase the budget")
+    table.sort(key=lambda row: row[0])
     return best[0], best[1], best[2], table
+
+
+def _split_one(weight, sigma, budget, f, lowrank, shape, T, D, g, shared, tried, max_iter, name,
+               kwargs):
+    """Fit the split at fraction ``f``: ``((f, r, nnz, err), (rank, nnz, result))`` or ``None``
+    (infeasible, or the same split as an earlier fraction)."""
+    lb = f * budget
+    if lowrank == "svd":
+        rmax = min(T, D) if (g == 1 or shared) else min(T // g, D)
+        r = min(int(lb // lowrank_params(shape, "svd", 1, g)), rmax)
+        rk = r
+    else:
+        r = 0
+        while (r < min(T // g, shape[1])
+               and lowrank_params(shape, "tucker2", r + 1, g) <= lb):
+            r += 1
+        rk = (r, r)
+    nnz = (budget - lowrank_params(shape, lowrank, rk if r > 0 else 0, g)) \
+        // (1 + INDEX_UNITS)
+    nnz = max(0, min(int(nnz), T * D))
+    if (r, nnz) in tried or (r == 0 and nnz == 0):
+        return None
+    tried.add((r, nnz))
+    res = lowrank_sparse(weight, sigma, rk, nnz, lowrank=lowrank, max_iter=max_iter,
+                         name=name, groups=g, **kwargs)
+    return (float(f), r, nnz, res.rel_error), (rk, nnz, res)
