@@ -122,7 +122,8 @@ def run(args) -> None:
     if out.exists():
         for line in out.read_text().splitlines():
             r = json.loads(line)
-            done.add((r["model"], r["method"], r["norm"], r["ratio_target"], _seq_label(r.get("sequential"))))
+            done.add((r["model"], r["method"], r["norm"], r["ratio_target"], _seq_label(r.get("sequential")),
+                      r.get("strategy", "global")))
     calib = ROOT / "calib" / "fmnist-512"
     if not calib.exists():
         sys.path.insert(0, str(ROOT / "calib"))
@@ -140,13 +141,14 @@ def run(args) -> None:
             for norm in args.norms:
                 for ratio in args.ratios:
                     for seq in args.sequential:
-                        key = (name, method, norm, ratio, _seq_label(seq, norm))
+                        key = (name, method, norm, ratio, _seq_label(seq, norm), args.strategy)
                         if key in done:
                             continue
                         base_method, cfg = method_config(method, norm, args.max_iter)
                         t = time.time()
                         try:
                             res = compress(model, str(calib), ratio=ratio, method=base_method, norm=norm,
+                                           strategy=args.strategy,
                                            config=cfg, transform=TRANSFORM, sequential=seq, batch_size=128,
                                            show_progress=False)
                         except Exception as exc:  # record failures instead of losing the run
@@ -169,7 +171,7 @@ def run(args) -> None:
                             "macs": res.report.macs_after, "macs_before": res.report.macs_before,
                             "latency_ms": lat["compressed"], "dense_latency_ms": lat["dense"],
                             "seconds": seconds, "threads": torch.get_num_threads(),
-                            "bytes": 4 * res.report.params_after,
+                            "bytes": 4 * res.report.params_after, "strategy": args.strategy,
                         }
                         if args.quantize:
                             row["quantized_accuracy"] = quantized_accuracies(res.model, res.report, xt, yt)
@@ -199,8 +201,9 @@ def render() -> None:
             seq = _seq_label(r["sequential"])
             if seq == "auto":
                 seq += f" ({r.get('sequential_layers', '?')} seq)"
+            meth = r["method"] + (" (uniform)" if r.get("strategy") == "uniform" else "")
             lines.append(
-                f"| {r['method']} | {r['norm']} | {seq} | {r['ratio_target']:g}x | "
+                f"| {meth} | {r['norm']} | {seq} | {r['ratio_target']:g}x | "
                 f"{r['ratio']:.2f}x | {r['macs_ratio']:.2f}x | {100 * r['accuracy']:.2f}% | "
                 f"{100 * (base - r['accuracy']):+.2f} | {lat['batch1']:.2f} / {lat['batch32']:.1f} "
                 f"({dl['batch1']:.2f} / {dl['batch32']:.1f}) | {dl['batch1'] / lat['batch1']:.2f}x / "
@@ -264,6 +267,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-iter", type=int, default=25)
     ap.add_argument("--latency-rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--strategy", choices=["global", "uniform"], default="global",
+                    help="rank allocation (uniform: every layer at the same ratio, i.e. equal bytes per layer)")
     ap.add_argument("--quantize", action="store_true",
                     help="also measure accuracy with factors in float16 and int8 per output channel")
     ap.add_argument("--render", action="store_true", help="only render the table and plot")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -240,7 +241,12 @@ def plan(
         if p.method is None:
             continue
         r = sizes.get(p.name)
-        if r is None:
+        if r is None and ratio is not None and method != "auto" and get_method(p.method).sizing == "budget" \
+                and shapes[p.name].S == 1:
+            # depthwise: no svd can shrink it, but low rank + sparse / pruning can: the layer's
+            # share of the ratio (the model ends slightly smaller than asked)
+            p.ranks = max(2, shapes[p.name].dense_params // int(math.ceil(ratio)))
+        elif r is None:
             p.method, p.reason = None, "would not shrink at its allocated size"
         elif method != "auto" and get_method(p.method).sizing == "budget":
             p.ranks = format_params("svd", shapes[p.name], r)  # the bytes of that svd, in 4-byte units

@@ -141,7 +141,7 @@ def test_saved_file_reloads_with_weights_only_and_same_outputs(tmp_path):
     write_images(imgs, 24, size=(32, 32))
     out = tmp_path / "c.ddtd"
     assert main(["compress", "--model", str(src), "--images", str(imgs), "--size", "32", "--ratio", "3",
-                 "--method", "auto", "--max-iter", "5", "-o", str(out), "--export", "torchscript"]) == 0
+                 "--method", "tucker2", "--max-iter", "5", "-o", str(out), "--export", "torchscript"]) == 0
     assert src.read_bytes() == before  # the original is never touched
     reloaded = load_model(out)  # torch.load(weights_only=True) + replayed replacements
     x = torch.randn(4, 3, 32, 32)
