@@ -292,3 +292,21 @@ def test_cli_accepts_the_new_methods(tmp_path):
     rep = torch.load(out, weights_only=True)["report"]
     rows = [r for r in rep["layers"] if r["method"] == "lrs"]
     assert rows and all(r["info"]["nnz"] > 0 for r in rows)
+
+
+def test_sequential_auto_keeps_the_way_with_lower_held_out_error(data):
+    """Default with images: per layer, sequential or not by the held-out output error of an svd
+    probe; the first compressed layer (nothing upstream changed) is never sequential."""
+    net = _tiny_cnn()
+    res = compress(net, data, rank=3, method="svd", show_progress=False)
+    assert res.report.settings["sequential"] == "auto"
+    rows = [r for r in res.report.layers if r.method != "dense"]
+    assert "heldout_error" not in rows[0].info and rows[0].note == ""
+    decided = [r for r in rows if "heldout_error" in r.info]
+    assert decided
+    for r in decided:
+        e = r.info["heldout_error"]
+        assert (r.note == "sequential") == (e["sequential"] < e["original_inputs"])
+    # the Frobenius baseline stays data-free unless asked
+    fro = compress(net, data, rank=3, method="svd", norm="frobenius", show_progress=False)
+    assert fro.report.settings["sequential"] == "off"
