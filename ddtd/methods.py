@@ -197,9 +197,18 @@ def _groups_of(weight, sigma):
     return sigma.shape[0] if sigma is not None and sigma.dim() == 3 else None
 
 
-def _lrs_sigma(sigma):
-    """Squeeze a single group's ``(1, D, D)`` covariance to ``(D, D)``."""
-    if sigma is not None and sigma.dim() == 3 and sigma.shape[0] == 1:
+def _lrs_sigma(sigma, damping: float = 0.0):
+    """Squeeze a single group's ``(1, D, D)`` covariance to ``(D, D)``, damped by
+    ``damping * mean(diag) * I`` per group (the sparse values are solved exactly in this
+    metric: undamped, directions the few calibration samples never excite are free, and the fit
+    overfits them)."""
+    if sigma is None:
+        return None
+    if damping > 0:
+        diag = torch.diagonal(sigma, dim1=-2, dim2=-1)
+        eye = torch.eye(sigma.shape[-1], dtype=sigma.dtype, device=sigma.device)
+        sigma = sigma + damping * diag.mean(-1)[..., None, None] * eye
+    if sigma.dim() == 3 and sigma.shape[0] == 1:
         return sigma[0]
     return sigma
 
@@ -207,6 +216,17 @@ def _lrs_sigma(sigma):
 def _lrs_info(res) -> dict:
     return {"rank": list(res.rank), "nnz": int(res.nnz), "bytes": int(res.nbytes()),
             "lowrank": res.lowrank}
+
+
+def _held_error(weight, approx, sigma) -> float:
+    """Relative ``trace(E Sigma E^T) / trace(W Sigma W^T)`` per group, ``E = W - W~``."""
+    g = 1 if sigma.dim() == 2 else sigma.shape[0]
+    s3 = sigma if sigma.dim() == 3 else sigma[None]
+    W = weight.to(torch.float64).reshape(g, weight.shape[0] // g, -1)
+    E = W - approx.to(torch.float64).reshape(W.shape)
+    num = sum(torch.trace(E[i] @ s3[i] @ E[i].T) for i in range(g))
+    den = sum(torch.trace(W[i] @ s3[i] @ W[i].T) for i in range(g))
+    return float(num / den) if den > 0 else float(num)
 
 
 def _lrs(weight, sigma, budget, cfg: MethodConfig, name):
@@ -220,14 +240,32 @@ def _lrs(weight, sigma, budget, cfg: MethodConfig, name):
     kw = {k: opts[k] for k in ("mode", "init", "lowrank", "candidates", "switch_tol") if k in opts}
     iters = int(opts.get("iters", min(cfg.max_iter, 10)))
     groups = opts.get("groups")
-    sig = _lrs_sigma(sigma)
+    sig = _lrs_sigma(sigma, cfg.damping_for("lrs"))
     extra = {"groups": groups} if groups else {}
     lowrank = kw.pop("lowrank", "svd")
     sparsity = opts.get("sparsity")
     budget = int(budget)
     T = weight.shape[0]
     D = int(math.prod(weight.shape[1:]))
-    if sparsity is None:
+    if sparsity is None and opts.get("select") is not None:
+        # split chosen by the error on held-out images (the calibration error of a sparse part
+        # solved exactly in Sigma is optimistic where samples are few per input dimension)
+        sig_fit, sig_held = (_lrs_sigma(x, cfg.damping_for("lrs")) for x in opts["select"])
+        split_iter = int(opts.get("split_iter", 3))
+        best = None
+        for f in opts.get("fractions", (0.0, 0.25, 0.5, 0.75, 1.0)):
+            try:
+                rank, nnz, res, _ = L.split_budget(weight, sig_fit, budget, lowrank=lowrank, name=name,
+                                                   fractions=(f,), max_iter=split_iter, **extra, **kw)
+            except InputError:
+                continue
+            e = _held_error(weight, res.kernel().reshape(weight.shape), sig_held)
+            if best is None or e < best[0]:
+                best = (e, rank, nnz)
+        _, rank, nnz = best
+        res = L.lowrank_sparse(weight, sig, rank, nnz, lowrank=lowrank, max_iter=iters, name=name,
+                               **extra, **{"init": "data", **kw})
+    elif sparsity is None:
         split_iter = int(opts.get("split_iter", 3))
         rank, nnz, res, _ = L.split_budget(weight, sig, budget, lowrank=lowrank, name=name,
                                            max_iter=split_iter, **extra, **kw)
@@ -262,7 +300,7 @@ def _sparse(weight, sigma, budget, cfg: MethodConfig, name):
     nnz = min(int(budget) // (1 + L.INDEX_UNITS), T * D)
     extra = {"groups": opts["groups"]} if opts.get("groups") else {}
     fn = L.sigma_prune if sigma is not None else L.magnitude_prune
-    res = fn(weight, _lrs_sigma(sigma), nnz, name=name, **extra)
+    res = fn(weight, _lrs_sigma(sigma, cfg.damping_for("sparse")), nnz, name=name, **extra)
     return Fit([res], res.rel_error, list(res.history), _lrs_info(res))
 
 

@@ -486,6 +486,18 @@ def _split_holdout(batches, batch_size: int, fraction: float = 0.25):
     return list(fit.split(batch_size)), list(held.split(batch_size))
 
 
+def _holdout_moments(work: nn.Module, batches, batch_size: int) -> dict:
+    """Per layer ``(Sigma_fit, Sigma_held)``: centred covariances of three quarters of the
+    calibration images and of the held-out quarter (for choices that in-sample errors would
+    bias, like the rank / nonzeros split of low rank + sparse)."""
+    fit_b, held_b = _split_holdout(batches, batch_size)
+    if held_b is None:
+        return {}
+    a = calibrate(work, torch.cat(fit_b), batch_size=batch_size, show_progress=False).moments
+    b = calibrate(work, torch.cat(held_b), batch_size=batch_size, show_progress=False).moments
+    return {n: (a[n].covariance(), b[n].covariance()) for n in a if n in b}
+
+
 def _own_moments(layer: nn.Module, xs: list[torch.Tensor]):
     """Centred covariance ``(g, D, D)`` and mean ``(g, D)`` of a layer's inputs ``xs``."""
     acc, n = None, 0
@@ -657,6 +669,10 @@ def compress(
     report = Report(settings=dict(method=method, norm=norm, ratio=ratio, budget=budget, rank=rank,
                                   error=error, strategy=strategy, sequential=mode,
                                   layers=layers, input_shape=list(input_shape)))
+    select = _holdout_moments(work, batches, batch_size or 64) if (
+        norm == "sigma" and batches is not None and any(
+            p.method is not None and ("lrs" in p.candidates or p.method == "lrs") for p in plans)
+        and "sparsity" not in cfg.options.get("lrs", {})) else {}
     t_solve = time.time()
     for p in plans:
         layer = get_module(work, p.name)
@@ -688,7 +704,10 @@ def compress(
             r = p.ranks if m == p.method or method != "auto" else _ranks_for_format(m, shapes[p.name], p.ranks)
             if r is None:
                 continue
-            out = solve(p.name, layer, m, r, cfg, sig.to(dev), mean.to(dev),
+            mcfg = cfg
+            if m == "lrs" and p.name in select and target is None:
+                mcfg = _with_option(cfg, "lrs", select=tuple(x.to(dev) for x in select[p.name]))
+            out = solve(p.name, layer, m, r, mcfg, sig.to(dev), mean.to(dev),
                         target=target, mean_in=None if mean_in is None else mean_in.to(dev))
             score = out["sigma_error"] if norm == "sigma" else out["weight_error"]
             if best is None or score < best[0]:
