@@ -310,3 +310,9 @@ def test_sequential_auto_keeps_the_way_with_lower_held_out_error(data):
     # the Frobenius baseline stays data-free unless asked
     fro = compress(net, data, rank=3, method="svd", norm="frobenius", show_progress=False)
     assert fro.report.settings["sequential"] == "off"
+
+
+def test_lowrank_sparse_layers_count_their_dense_multiply_adds(data):
+    """A low-rank + sparse layer runs its merged dense weight: no multiply-adds are saved."""
+    res = compress(_tiny_cnn(), data, ratio=2.0, method="lrs", sequential=False, show_progress=False)
+    assert res.report.macs_after == res.report.macs_before
