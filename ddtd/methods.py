@@ -20,7 +20,7 @@ from .solvers import cp_als, sigma_svd, tucker2
 from .solvers.formats import param_count
 
 __all__ = ["MethodConfig", "Method", "Fit", "METHODS", "get_method", "layer_dims", "applicable",
-           "AUTO_METHODS"]
+           "AUTO_METHODS", "relative_sigma_error"]
 
 NORMS = ("sigma", "frobenius")
 
@@ -218,15 +218,16 @@ def _lrs_info(res) -> dict:
             "lowrank": res.lowrank}
 
 
-def _held_error(weight, approx, sigma) -> float:
-    """Relative ``trace(E Sigma E^T) / trace(W Sigma W^T)`` per group, ``E = W - W~``."""
+def relative_sigma_error(weight, approx, sigma) -> float:
+    """Relative ``sum_g trace(E_g Sigma_g E_g^T) / sum_g trace(W_g Sigma_g W_g^T)``, ``E = W - W~``;
+    ``sigma`` ``(D, D)`` or ``(g, D_g, D_g)``, the weights grouped along their first dim."""
     g = 1 if sigma.dim() == 2 else sigma.shape[0]
     s3 = sigma if sigma.dim() == 3 else sigma[None]
     W = weight.to(torch.float64).reshape(g, weight.shape[0] // g, -1)
     E = W - approx.to(torch.float64).reshape(W.shape)
     num = sum(torch.trace(E[i] @ s3[i] @ E[i].T) for i in range(g))
     den = sum(torch.trace(W[i] @ s3[i] @ W[i].T) for i in range(g))
-    return float(num / den) if den > 0 else float(num)
+    return float(num / den) if den > 0 else 0.0
 
 
 def _lrs(weight, sigma, budget, cfg: MethodConfig, name):
@@ -259,7 +260,7 @@ def _lrs(weight, sigma, budget, cfg: MethodConfig, name):
                                                    fractions=(f,), max_iter=split_iter, **extra, **kw)
             except InputError:
                 continue
-            e = _held_error(weight, res.kernel().reshape(weight.shape), sig_held)
+            e = relative_sigma_error(weight, res.kernel().reshape(weight.shape), sig_held)
             if best is None or e < best[0]:
                 best = (e, rank, nnz)
         _, rank, nnz = best

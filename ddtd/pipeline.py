@@ -26,7 +26,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -39,7 +39,9 @@ from .layers import (factorized_weight, fold_batchnorm, fold_records, get_module
                      replace_layer)
 from .layers import build as build_layer
 from .solvers._common import eigh
-from .methods import AUTO_METHODS, METHODS, Fit, MethodConfig, applicable, get_method, layer_dims
+from .solvers.formats import rank_for_budget
+from .methods import (AUTO_METHODS, METHODS, Fit, MethodConfig, applicable, get_method, layer_dims,
+                      relative_sigma_error)
 from .ranks import (ErrorBudget, LayerShape, Ratio, allocate, evbmf_rank, format_macs,
                     format_params, resolve_rank, whitened_spectrum)
 
@@ -353,12 +355,7 @@ def solve(
     fit: Fit = m.solve(Wt, sigma_c.to(torch.float64) if cfg.norm == "sigma" else None, ranks, cfg, name)
     factors, rel, history = fit.factors, fit.rel_error, fit.history
     W_new = dense_weight(layer, method, factors, name=name).to(torch.float64)
-    d_target = _split(Wt.to(torch.float64) - W_new.reshape(Wt.shape), g)
-    sig = sigma_c.to(torch.float64)
-    num = sum(torch.trace(d_target[i] @ sig[i] @ d_target[i].T) for i in range(g))
-    den = sum(torch.trace(_split(Wt.to(torch.float64), g)[i] @ sig[i] @ _split(Wt.to(torch.float64), g)[i].T)
-              for i in range(g))
-    sigma_error = float(num / den) if den > 0 else 0.0
+    sigma_error = relative_sigma_error(Wt, W_new, sigma_c.to(torch.float64))
     # Bias: b~ = b + W mu_in - W~ mu  (mu_in = mu when the inputs are the original ones).
     # The Frobenius baseline uses no data at all unless asked (cfg.bias_correction).
     b = layer.bias.detach().to(torch.float64) if layer.bias is not None else torch.zeros(W.shape[0], dtype=torch.float64)
@@ -377,11 +374,9 @@ def solve(
 
 
 def _with_option(cfg: MethodConfig, method: str, **kw) -> MethodConfig:
-    from dataclasses import replace as _replace
-
     opts = dict(cfg.options)
     opts[method] = {**opts.get(method, {}), **kw}
-    return _replace(cfg, options=opts)
+    return replace(cfg, options=opts)
 
 
 def assemble(model: nn.Module, fits: dict[str, tuple[str, list, torch.Tensor | None]]) -> list[dict]:
@@ -442,24 +437,30 @@ def _capture_inputs(model: nn.Module, name: str, batches, device) -> list[torch.
     return out
 
 
-def _cross_moments(layer: nn.Module, xs: list[torch.Tensor], xts: list[torch.Tensor]):
-    """Centred ``C_{x~x~}``, ``C_{x x~}`` and the means of ``x`` and ``x~`` over all batches."""
+def _cross_moments(layer: nn.Module, xs: list[torch.Tensor], xts: list[torch.Tensor], *, with_xx: bool = False):
+    """Centred ``C_{x~x~}``, ``C_{x x~}`` and the means of ``x`` and ``x~`` over all batches
+    (and, with ``with_xx``, the centred ``C_{xx}`` of the original inputs as a fifth value)."""
+    if isinstance(layer, nn.Conv2d):
+        geo = conv_geometry(layer)
+        moments = lambda a, y=None: conv_input_moments(a, geo, y=y)  # noqa: E731
+    else:
+        moments = linear_input_moments
     acc = {}
     for x, xt in zip(xs, xts):
-        if isinstance(layer, nn.Conv2d):
-            geo = conv_geometry(layer)
-            tt, t_sum, n = conv_input_moments(xt, geo)
-            xt_cross, x_sum, _ = conv_input_moments(x, geo, y=xt)
-        else:
-            tt, t_sum, n = linear_input_moments(xt)
-            xt_cross, x_sum, _ = linear_input_moments(x, y=xt)
-        for k, v in (("tt", tt), ("t", t_sum), ("xt", xt_cross), ("x", x_sum)):
+        tt, t_sum, n = moments(xt)
+        xt_cross, x_sum, _ = moments(x, y=xt)
+        parts = [("tt", tt), ("t", t_sum), ("xt", xt_cross), ("x", x_sum)]
+        if with_xx:
+            parts.append(("xx", moments(x)[0]))
+        for k, v in parts:
             acc[k] = acc.get(k, 0) + v.to(torch.float64)
         acc["n"] = acc.get("n", 0) + n
     n = acc["n"]
     mu_t, mu_x = acc["t"] / n, acc["x"] / n
     c_tt = acc["tt"] / n - mu_t.unsqueeze(-1) * mu_t.unsqueeze(-2)
     c_xt = acc["xt"] / n - mu_x.unsqueeze(-1) * mu_t.unsqueeze(-2)
+    if with_xx:
+        return c_tt, c_xt, mu_x, mu_t, acc["xx"] / n - mu_x.unsqueeze(-1) * mu_x.unsqueeze(-2)
     return c_tt, c_xt, mu_x, mu_t
 
 
@@ -516,21 +517,6 @@ def _holdout_moments(work: nn.Module, batches, batch_size: int) -> dict:
     return {n: (a[n].covariance(), b[n].covariance()) for n in a if n in b}
 
 
-def _own_moments(layer: nn.Module, xs: list[torch.Tensor]):
-    """Centred covariance ``(g, D, D)`` and mean ``(g, D)`` of a layer's inputs ``xs``."""
-    acc, n = None, 0
-    for x in xs:
-        if isinstance(layer, nn.Conv2d):
-            xx, x_sum, k = conv_input_moments(x, conv_geometry(layer))
-        else:
-            xx, x_sum, k = linear_input_moments(x)
-        acc = (xx.to(torch.float64), x_sum.to(torch.float64)) if acc is None else (
-            acc[0] + xx.to(torch.float64), acc[1] + x_sum.to(torch.float64))
-        n += k
-    mu = acc[1] / n
-    return acc[0] / n - mu.unsqueeze(-1) * mu.unsqueeze(-2), mu
-
-
 def _probe_ranks(p: LayerPlan, shape: LayerShape):
     """svd ranks with (at most) the size planned for the layer: the cheap probe of the
     sequential decision."""
@@ -538,9 +524,8 @@ def _probe_ranks(p: LayerPlan, shape: LayerShape):
     if m.kind == "svd" and m.sizing == "ranks":
         return p.ranks
     size = int(p.ranks) if m.sizing == "budget" else format_params(m.kind, shape, p.ranks)
-    T, S, kh, kw, g = shape.T, shape.S, shape.kh, shape.kw, shape.groups
-    r = max(1, size // max(1, g * (T // g + S * kh * kw)))
-    return min(r, min(T // g, S * kh * kw))
+    g = shape.groups
+    return rank_for_budget("svd", shape.T // g, shape.S, shape.kh, shape.kw, size / g)
 
 
 @torch.no_grad()
@@ -559,12 +544,11 @@ def _choose_sequential(p, layer, reference, work, fit_b, held_b, shapes, cfg, de
     xs_f = _capture_inputs(reference, p.name, fit_b, dev)
     xts_f = _capture_inputs(work, p.name, fit_b, dev)
     r = _probe_ranks(p, shapes[p.name])
-    c_xx, mu_x = _own_moments(layer, xs_f)
-    c_tt, c_xt, mu_x2, mu_t = _cross_moments(layer, xs_f, xts_f)
+    c_tt, c_xt, mu_x, mu_t, c_xx = _cross_moments(layer, xs_f, xts_f, with_xx=True)
     del xs_f, xts_f
     plain = solve(p.name, layer, "svd", r, cfg, c_xx.to(dev), mu_x.to(dev))
     seq = solve(p.name, layer, "svd", r, cfg, c_tt.to(dev), mu_t.to(dev),
-                target=_regression_target(layer.weight.detach(), c_tt, c_xt), mean_in=mu_x2.to(dev))
+                target=_regression_target(layer.weight.detach(), c_tt, c_xt), mean_in=mu_x.to(dev))
     errs = []
     for out in (plain, seq):
         cand = build_layer("svd", layer, out["factors"], out["bias"], name=p.name)
