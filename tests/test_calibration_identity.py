@@ -163,3 +163,67 @@ def test_cross_moments_equal_reference(k, s, p, d, g, mode):
         xyT, x_sum, count = conv_input_moments(x, geo, method=method, y=y)
         torch.testing.assert_close(xyT, ref, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(x_sum, px.sum(1), rtol=1e-12, atol=1e-12)
+
+
+class _InPlaceAfterConv(nn.Module):
+    """A conv whose input is modified in place after the conv has read it (like ReLU(inplace))."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = self.conv(x)
+        x.mul_(-3.0)  # the buffered copy must not see this
+        return self.fc(y.mean(1).flatten(1)[:, :8]) + x.sum()
+
+
+def test_coalesced_batches_give_the_same_sums():
+    """Buffering a layer's inputs across batches (the default) changes no sum and no count,
+    and survives the model modifying its inputs in place after the conv read them."""
+    from ddtd.calibration import MomentCollector
+
+    torch.manual_seed(0)
+    model = _InPlaceAfterConv().double()
+    batches = [torch.randn(n, 4, 5, 5, dtype=torch.float64) for n in (3, 1, 4, 2)]
+    results = []
+    for coalesce in (0, 1 << 20):
+        with torch.no_grad(), MomentCollector(model, coalesce_bytes=coalesce) as col:
+            for b in batches:
+                model(b.clone())
+        results.append(col.moments)
+    direct, coalesced = results
+    ref_x = torch.cat(batches)
+    ref_xxT, ref_sum, ref_count = conv_input_moments(ref_x, conv_geometry(model.conv), method="unfold")
+    for name in ("conv", "fc"):
+        assert coalesced[name].count == direct[name].count
+        torch.testing.assert_close(coalesced[name].xxT, direct[name].xxT, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(coalesced[name].x_sum, direct[name].x_sum, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(coalesced["conv"].xxT, ref_xxT, rtol=1e-12, atol=1e-10)
+    assert coalesced["conv"].count == ref_count
+
+
+def test_coalescing_buffer_is_bounded_and_flushed_when_full():
+    from ddtd.calibration import MomentCollector
+
+    model = Wrap(nn.Conv2d(2, 3, 3, padding=1))
+    x = torch.randn(40, 2, 4, 4)
+    row_bytes = 2 * 4 * 4 * 4  # one image's input, float32: the budget holds 10 images
+    with torch.no_grad(), MomentCollector(model, coalesce_bytes=10 * row_bytes) as col:
+        for b in x.split(3):
+            model(b)
+            pending = col._pending.get("layer")
+            assert pending is None or pending[0].numel() * 4 <= 10 * row_bytes
+    assert col.moments["layer"].count == 40 * 16
+
+
+def test_interrupted_pass_discards_buffered_inputs():
+    from ddtd.calibration import MomentCollector
+
+    model = Wrap(nn.Linear(3, 2))
+    col = MomentCollector(model)
+    with pytest.raises(KeyboardInterrupt), torch.no_grad(), col:
+        model(torch.randn(4, 3))
+        raise KeyboardInterrupt
+    assert col.moments == {}

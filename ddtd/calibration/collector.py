@@ -18,7 +18,15 @@ from torch import nn
 from ..errors import InputError, NumericalError
 from .moments import ConvGeometry, assemble_blocks, conv_geometry, conv_moment_blocks, linear_input_moments
 
-__all__ = ["LayerMoments", "MomentCollector", "select_layers", "DEFAULT_MAX_DIM"]
+__all__ = ["LayerMoments", "MomentCollector", "select_layers", "DEFAULT_MAX_DIM", "DEFAULT_COALESCE_BYTES",
+           "COALESCE_LAYER_BYTES", "COALESCE_POSITIONS"]
+
+#: Inputs are coalesced across batches (see :class:`MomentCollector`) in buffers of at most this
+#: many bytes in all, at most :data:`COALESCE_LAYER_BYTES` per layer, until a buffer holds
+#: :data:`COALESCE_POSITIONS` input positions (pixels of a feature map, rows of a Linear input).
+DEFAULT_COALESCE_BYTES = 1 << 30
+COALESCE_LAYER_BYTES = 64 << 20
+COALESCE_POSITIONS = 1 << 16
 
 #: Largest per-group patch length ``D`` stored by default. A ``D x D`` float64 accumulator of
 #: 8192 is 512 MiB; larger layers (e.g. a VGG classifier on 25088 inputs) are skipped with a
@@ -141,6 +149,17 @@ class MomentCollector:
     are not hooked; ``skipped`` maps their name to
     the reason. Every batch is checked for NaN / Inf: a :class:`NumericalError` names the first
     layer whose input was not finite.
+
+    **Coalescing.** A layer's moment products have a fixed cost per call (the ``D x D`` blocks are
+    written once per call, and the border corrections of small feature maps are GEMMs whose inner
+    dimension is the batch size), so layers with small inputs (deep layers, small images) are
+    slow at the batch sizes at which inference is fastest. Each hook therefore copies its
+    (raw, not unfolded) input into a per-layer buffer that holds about
+    :data:`COALESCE_POSITIONS` input positions, at most ``coalesce_bytes / layers`` (and at most
+    :data:`COALESCE_LAYER_BYTES`), and computes the moments when the buffer is full, when the
+    context manager exits (without an error) and when :attr:`moments` is read. The sums are the
+    same (up to float rounding) as one call per batch; the buffers take at most
+    ``coalesce_bytes`` in all. ``coalesce_bytes=0`` computes every batch as it comes.
     """
 
     def __init__(
@@ -150,8 +169,13 @@ class MomentCollector:
         max_dim: int = DEFAULT_MAX_DIM,
         accumulate_device: torch.device | str | None = None,
         conv_method: str = "auto",
+        coalesce_bytes: int = DEFAULT_COALESCE_BYTES,
     ):
+        if coalesce_bytes < 0:
+            raise ValueError(f"coalesce_bytes must be >= 0, got {coalesce_bytes}")
         self.model = model
+        self.coalesce_bytes = coalesce_bytes
+        self._pending: dict[str, list] = {}  # per layer: [buffer, rows filled]
         self.conv_method = conv_method
         self.max_dim = max_dim
         self.names = select_layers(model, layers)
@@ -183,8 +207,12 @@ class MomentCollector:
             self._handles.append(module.register_forward_pre_hook(self._make_hook(name)))
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         self.remove()
+        if exc_type is None:
+            self.flush()
+        else:  # an interrupted pass: its partial batches are not part of the statistics
+            self._pending.clear()
 
     def remove(self) -> None:
         """Remove every hook (idempotent)."""
@@ -200,24 +228,71 @@ class MomentCollector:
         def hook(_module, inputs):
             x = inputs[0].detach()
             with torch.no_grad():
-                if geo is not None:
-                    parts, x_sum, count = conv_moment_blocks(x, geo, method=self.conv_method)
-                else:
-                    parts, x_sum, count = linear_input_moments(x)
-                # NaN / Inf anywhere in x shows up in its sums (x^2 on the diagonal).
-                if isinstance(parts, dict):
-                    diag = sum(torch.diagonal(b, dim1=1, dim2=2).sum() for (a, c), b in parts.items() if a == c)
-                else:
-                    diag = torch.diagonal(parts, dim1=1, dim2=2).sum()
-                if not (torch.isfinite(x_sum).all() and torch.isfinite(torch.as_tensor(diag))):
-                    raise NumericalError(
-                        f"layer '{name}' received NaN or Inf activations",
-                        hint="check the model's weights and the input normalisation "
-                        "(--mean/--std); a model that overflows in half precision needs float32",
-                    )
-                self._accumulate(name, parts, x_sum, count)
+                # NaN / Inf anywhere in x makes its sum non-finite (checked before buffering, so
+                # the error names the layer and the batch that produced it).
+                total = x.sum(dtype=torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x.sum()
+                if not torch.isfinite(total):
+                    raise self._nan_error(name)
+                if geo is None and x.dim() != 2:
+                    x = x.reshape(-1, x.shape[-1])
+                elif geo is not None and x.dim() == 3:
+                    x = x.unsqueeze(0)
+                self._push(name, x)
 
         return hook
+
+    @staticmethod
+    def _nan_error(name: str) -> NumericalError:
+        return NumericalError(
+            f"layer '{name}' received NaN or Inf activations",
+            hint="check the model's weights and the input normalisation "
+            "(--mean/--std); a model that overflows in half precision needs float32",
+        )
+
+    def _push(self, name: str, x: torch.Tensor) -> None:
+        """Buffer ``x`` (a batch along dim 0) for layer ``name``; compute when the buffer is full."""
+        row_bytes = x[:1].numel() * x.element_size()
+        positions = x.shape[2] * x.shape[3] if x.dim() == 4 else 1
+        layer_bytes = min(COALESCE_LAYER_BYTES, self.coalesce_bytes // max(1, len(self.hooked)))
+        capacity = min(layer_bytes // max(1, row_bytes), -(-COALESCE_POSITIONS // positions))
+        pending = self._pending.get(name)
+        if pending is not None and (pending[1] + x.shape[0] > pending[0].shape[0]
+                                    or pending[0].shape[1:] != x.shape[1:] or pending[0].dtype != x.dtype):
+            self._flush_layer(name)
+            pending = None
+        if x.shape[0] > capacity // 2:  # large enough on its own: no copy
+            self._compute(name, x)
+            return
+        if pending is None:
+            pending = self._pending[name] = [x.new_empty((capacity,) + tuple(x.shape[1:])), 0]
+        buf, filled = pending
+        buf[filled : filled + x.shape[0]].copy_(x)  # a copy: the model may modify x in place later
+        pending[1] = filled + x.shape[0]
+
+    def _flush_layer(self, name: str) -> None:
+        pending = self._pending.pop(name, None)
+        if pending is not None and pending[1] > 0:
+            self._compute(name, pending[0][: pending[1]])
+
+    def flush(self) -> None:
+        """Compute the moments of every buffered input (called on exit and by :attr:`moments`)."""
+        for name in list(self._pending):
+            self._flush_layer(name)
+
+    def _compute(self, name: str, x: torch.Tensor) -> None:
+        geo = self._geos.get(name)
+        if geo is not None:
+            parts, x_sum, count = conv_moment_blocks(x, geo, method=self.conv_method)
+        else:
+            parts, x_sum, count = linear_input_moments(x)
+        # Finite inputs can still overflow float32 products (x^2 on the diagonal).
+        if isinstance(parts, dict):
+            diag = sum(torch.diagonal(b, dim1=1, dim2=2).sum() for (a, c), b in parts.items() if a == c)
+        else:
+            diag = torch.diagonal(parts, dim1=1, dim2=2).sum()
+        if not (torch.isfinite(x_sum).all() and torch.isfinite(torch.as_tensor(diag))):
+            raise self._nan_error(name)
+        self._accumulate(name, parts, x_sum, count)
 
     def _accumulate(self, name, parts, x_sum, count) -> None:
         dev = self.accumulate_device or x_sum.device
@@ -240,6 +315,8 @@ class MomentCollector:
     @property
     def moments(self) -> dict[str, LayerMoments]:
         """``{layer name: LayerMoments}`` of everything accumulated so far (assembled once)."""
+        if self._pending:
+            self.flush()
         if self._moments is None:
             out = {}
             for name, acc in self._acc.items():
