@@ -26,7 +26,7 @@ __all__ = ["LayerMoments", "MomentCollector", "select_layers", "DEFAULT_MAX_DIM"
 #: :data:`COALESCE_POSITIONS` input positions (pixels of a feature map, rows of a Linear input).
 DEFAULT_COALESCE_BYTES = 1 << 30
 COALESCE_LAYER_BYTES = 64 << 20
-COALESCE_POSITIONS = 1 << 16
+COALESCE_POSITIONS = 1 << 18
 
 #: Largest per-group patch length ``D`` stored by default. A ``D x D`` float64 accumulator of
 #: 8192 is 512 MiB; larger layers (e.g. a VGG classifier on 25088 inputs) are skipped with a
