@@ -396,3 +396,33 @@ def test_exact_fit_depthwise_groups():
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.mark.parametrize("layout", ["cp3", "cp4"])
+def test_rescale_removes_output_shrinkage_and_keeps_the_bound(layout):
+    """Minimising ss shrinks the layer's output at a fixed error; the final per-channel
+    least-squares scale undoes that: afterwards every channel's best scale is 1, the error is
+    no larger than without it (so still <= delta) and the output energy is larger."""
+    T, S, k, R = 8, 6, 3, 6
+    K = randn(T, S, k, k, seed=3)
+    Sg = aniso_sigma(S * k * k, seed=3)
+    init = cp_als(K, Sg, R, layout=layout, max_iter=20, dtype=F64, seed=3)
+    plain = stable_cp(K, Sg, R, layout=layout, init=init, max_sweeps=30, dtype=F64, rescale=False)
+    scaled = stable_cp(K, Sg, R, layout=layout, init=init, max_sweeps=30, dtype=F64)
+    W = K.reshape(T, -1)
+
+    def alpha(res):
+        A = res.kernel().reshape(T, -1).double()
+        return ((W @ Sg) * A).sum(1) / ((A @ Sg) * A).sum(1)
+
+    def energy(res):
+        A = res.kernel().reshape(T, -1).double()
+        return float(((A @ Sg) * A).sum())
+
+    assert float(alpha(plain).min()) > 1 + 1e-4  # the shrinkage being fixed
+    torch.testing.assert_close(alpha(scaled), torch.ones(T, dtype=F64), rtol=0, atol=1e-9)
+    base = base_of(K, Sg)
+    assert abs_err(K, scaled.kernel(), Sg) <= abs_err(K, plain.kernel(), Sg) * (1 + 1e-12)
+    assert abs_err(K, scaled.kernel(), Sg) <= scaled.delta ** 2 * (1 + 1e-6) + 1e-14 * base
+    assert energy(scaled) > energy(plain)
+    assert scaled.sensitivity_after < scaled.sensitivity_before

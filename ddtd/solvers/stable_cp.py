@@ -771,7 +771,7 @@ def stable_cp(weight: torch.Tensor, sigma: torch.Tensor | None, rank: int, *,
               max_gflop: float | None = 400.0, verify_every: int = 5,
               damping: float = 0.0, eps_rel: float = EPS_REL, cp_options: dict | None = None,
               groups: int | None = None, device=None, dtype: torch.dtype | None = None,
-              name: str | None = None) -> StableCPResult:
+              rescale: bool = True, name: str | None = None) -> StableCPResult:
     """Sensitivity-minimising CP (CPD-EPC) of a conv kernel at bounded Sigma error.
 
     Solves ``min ss(A, B, C[, E])  s.t.  trace((W - W~) Sigma (W - W~)^T) <= delta^2`` by exact
@@ -803,6 +803,14 @@ def stable_cp(weight: torch.Tensor, sigma: torch.Tensor | None, rank: int, *,
             ``R ~ 285`` to 7 sweeps (``R ~ 143``: 15; roughly 15-20 s on one core); layers up to
             256 channels are not affected (``max_sweeps`` first).
         verify_every: recompute the error from the explicit residual every this many sweeps.
+        rescale: finally scale each output channel (row of ``A``) by its least-squares factor
+            ``alpha_t = <W_t, W~_t>_Sigma / <W~_t, W~_t>_Sigma`` (see :func:`rescale_outputs`).
+            Minimising ``ss`` shrinks the factors, and at a fixed error that shrinks the layer's
+            output (measured on a VGG layer at 16x: output energy 0.66 of the original against
+            0.70 for CP-ALS, every ``alpha_t`` between 1.015 and 1.058); compounded over a
+            network of such layers it cost accuracy. The rescale can only lower the error (so
+            the bound still holds) and raises ``ss`` by a few percent; ``sensitivity_after``
+            includes it, the histories end before it.
         damping, eps_rel: see :func:`ddtd.solvers._common.prepare_sigma` (the constraint uses
             ``Sigma + damping * mean(diag) * I``; ``eps_rel`` only affects the CP-ALS start).
         groups, device, name: as in :func:`cp_als`.  dtype: of the returned factors (the solver
@@ -885,6 +893,8 @@ def stable_cp(weight: torch.Tensor, sigma: torch.Tensor | None, rank: int, *,
         n = max(len(h) for h in hs)
         return [sum(h[min(i, len(h) - 1)] for h in hs) for i in range(n)]
 
+    if rescale:
+        outs = [(o[0], rescale_outputs(o[0].W, o[0].S, o[1])) + tuple(o[2:]) for o in outs]
     ss_hist = comb([o[3] for o in outs])
     err_hist = [x / btot for x in comb([o[4] for o in outs])]
     fl = [[F.to(dt) for F in o[1]] for o in outs]
@@ -900,6 +910,26 @@ def stable_cp(weight: torch.Tensor, sigma: torch.Tensor | None, rank: int, *,
         sensitivity_history=ss_hist, sensitivity_before=ss_hist[0],
         sensitivity_after=sum(_ss([F.to(F64) for F in f]) for f in fl),
         delta=math.sqrt(sum(d2s)), init_rel_error=e_tot / btot)
+
+
+def rescale_outputs(W: torch.Tensor, S: torch.Tensor | None, facs: list) -> list:
+    """Scale the rows of ``A = facs[0]`` by ``alpha_t = <W_t, W~_t>_S / <W~_t, W~_t>_S``.
+
+    ``W (T, D)``, ``S (D, D)`` (``None``: identity), ``W~ = A M^T`` with ``M`` the Khatri-Rao
+    product of the input factors. Per output channel this is the least-squares scale of
+    ``W~_t`` against ``W_t`` in the metric ``S``, so ``||W_t - alpha_t W~_t||_S`` is at most
+    ``||W_t - W~_t||_S`` (``alpha_t = 1`` is one candidate): the error can only decrease.
+    Returns new factors (``A`` scaled, the others unchanged).
+    """
+    A = facs[0]
+    M = khatri_rao(facs[1:])
+    approx = A @ M.T
+    s_approx = approx if S is None else A @ (S @ M).T
+    s_w = W if S is None else W @ S
+    num = (s_w * approx).sum(1)
+    den = (s_approx * approx).sum(1)
+    alpha = torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.ones_like(den))
+    return [A * alpha[:, None]] + list(facs[1:])
 
 
 def stable_cp3(weight, sigma, rank, **kw) -> StableCPResult:
