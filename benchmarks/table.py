@@ -14,7 +14,8 @@ to benchmarks/results/table.md and benchmarks/results/table.png.
 Method names are those of ``ddtd compress --method`` plus variants for the low-rank + sparse
 comparison: ``lrs-residual`` / ``lrs-masked`` are the seed's initialisations alone (eq. 12 /
 13-14, no data-driven rounds), ``lrs-s50`` a fixed split (half the bytes to the sparse part);
-``sparse`` with ``--norms frobenius`` is magnitude pruning. ``--quantize`` also measures the
+``sparse`` with ``--norms frobenius`` is magnitude pruning; a ``-d0`` suffix (``cp3-d0``,
+``cp3-stable-d0``) fits without ddtd's Sigma damping, like the seed's CP-ALS. ``--quantize`` also measures the
 accuracy with the replaced layers' factor weights rounded to float16 and to 8 bits per output
 channel (symmetric, one scale per output channel of every factor conv / linear), the rest of
 the model in float32: the robustness test of stable CP.
@@ -66,8 +67,10 @@ def method_config(method: str, norm: str, max_iter: int):
     """``(registered method, MethodConfig)`` for a table method name (see the module docstring)."""
     from ddtd.methods import MethodConfig
 
-    opts, base = {}, method
-    if method.startswith("lrs-"):
+    opts, base, damping = {}, method, None
+    if method.endswith("-d0"):  # undamped Sigma (the seed's CP-ALS): e.g. cp3-d0, cp3-stable-d0
+        base, damping = method[:-3], 0.0
+    elif method.startswith("lrs-"):
         base, variant = "lrs", method[4:]
         if variant in ("residual", "masked"):
             opts = {"lrs": {"init": variant, "iters": 0, "sparsity": 0.5}}
@@ -75,7 +78,7 @@ def method_config(method: str, norm: str, max_iter: int):
             opts = {"lrs": {"sparsity": int(variant[1:]) / 100}}
         else:
             raise SystemExit(f"unknown lrs variant {method!r}")
-    return base, MethodConfig(norm=norm, max_iter=max_iter, options=opts)
+    return base, MethodConfig(norm=norm, max_iter=max_iter, options=opts, damping=damping)
 
 
 def _replaced_weights(model, report):
