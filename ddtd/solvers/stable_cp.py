@@ -894,7 +894,7 @@ def stable_cp(weight: torch.Tensor, sigma: torch.Tensor | None, rank: int, *,
         return [sum(h[min(i, len(h) - 1)] for h in hs) for i in range(n)]
 
     if rescale:
-        outs = [(o[0], rescale_outputs(o[0].W, o[0].S, o[1])) + tuple(o[2:]) for o in outs]
+        outs = [(o[0], rescale_outputs(o[0].WS, o[0].S, o[1])) + tuple(o[2:]) for o in outs]
     ss_hist = comb([o[3] for o in outs])
     err_hist = [x / btot for x in comb([o[4] for o in outs])]
     fl = [[F.to(dt) for F in o[1]] for o in outs]
@@ -912,21 +912,21 @@ def stable_cp(weight: torch.Tensor, sigma: torch.Tensor | None, rank: int, *,
         delta=math.sqrt(sum(d2s)), init_rel_error=e_tot / btot)
 
 
-def rescale_outputs(W: torch.Tensor, S: torch.Tensor | None, facs: list) -> list:
+def rescale_outputs(WS: torch.Tensor, S: torch.Tensor | None, facs: list) -> list:
     """Scale the rows of ``A = facs[0]`` by ``alpha_t = <W_t, W~_t>_S / <W~_t, W~_t>_S``.
 
-    ``W (T, D)``, ``S (D, D)`` (``None``: identity), ``W~ = A M^T`` with ``M`` the Khatri-Rao
-    product of the input factors. Per output channel this is the least-squares scale of
-    ``W~_t`` against ``W_t`` in the metric ``S``, so ``||W_t - alpha_t W~_t||_S`` is at most
-    ``||W_t - W~_t||_S`` (``alpha_t = 1`` is one candidate): the error can only decrease.
+    ``WS = W S`` ``(T, D)`` (``W`` itself when ``S`` is ``None``, the identity; the solver's
+    groups keep it), ``S (D, D)``, ``W~ = A M^T`` with ``M`` the Khatri-Rao product of the input
+    factors. Per output channel this is the least-squares scale of ``W~_t`` against ``W_t`` in
+    the metric ``S``, so ``||W_t - alpha_t W~_t||_S`` is at most ``||W_t - W~_t||_S``
+    (``alpha_t = 1`` is one candidate): the error can only decrease.
     Returns new factors (``A`` scaled, the others unchanged).
     """
     A = facs[0]
     M = khatri_rao(facs[1:])
     approx = A @ M.T
     s_approx = approx if S is None else A @ (S @ M).T
-    s_w = W if S is None else W @ S
-    num = (s_w * approx).sum(1)
+    num = (WS * approx).sum(1)
     den = (s_approx * approx).sum(1)
     alpha = torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.ones_like(den))
     return [A * alpha[:, None]] + list(facs[1:])
