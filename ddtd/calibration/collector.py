@@ -256,10 +256,12 @@ class MomentCollector:
         layer_bytes = min(COALESCE_LAYER_BYTES, self.coalesce_bytes // max(1, len(self.hooked)))
         capacity = min(layer_bytes // max(1, row_bytes), -(-COALESCE_POSITIONS // positions))
         pending = self._pending.get(name)
-        if pending is not None and (pending[1] + x.shape[0] > pending[0].shape[0]
-                                    or pending[0].shape[1:] != x.shape[1:] or pending[0].dtype != x.dtype):
-            self._flush_layer(name)
+        if pending is not None and (pending[0].shape[1:] != x.shape[1:] or pending[0].dtype != x.dtype
+                                    or pending[0].device != x.device):
+            self._flush_layer(name, keep=False)  # another input shape: start a new buffer
             pending = None
+        elif pending is not None and pending[1] + x.shape[0] > pending[0].shape[0]:
+            self._flush_layer(name)
         if x.shape[0] > capacity // 2:  # large enough on its own: no copy
             self._compute(name, x)
             return
@@ -269,15 +271,20 @@ class MomentCollector:
         buf[filled : filled + x.shape[0]].copy_(x)  # a copy: the model may modify x in place later
         pending[1] = filled + x.shape[0]
 
-    def _flush_layer(self, name: str) -> None:
-        pending = self._pending.pop(name, None)
+    def _flush_layer(self, name: str, keep: bool = True) -> None:
+        """Compute layer ``name``'s buffered inputs; with ``keep`` its buffer stays allocated for
+        the next batches (a fresh buffer per flush page-faults on every write: copying into
+        fresh memory ran at 2.4 GB/s against 27 GB/s into a warm buffer)."""
+        pending = self._pending.get(name) if keep else self._pending.pop(name, None)
         if pending is not None and pending[1] > 0:
-            self._compute(name, pending[0][: pending[1]])
+            filled, pending[1] = pending[1], 0
+            self._compute(name, pending[0][:filled])
 
     def flush(self) -> None:
-        """Compute the moments of every buffered input (called on exit and by :attr:`moments`)."""
+        """Compute the moments of every buffered input and free the buffers (called on exit
+        and by :attr:`moments`)."""
         for name in list(self._pending):
-            self._flush_layer(name)
+            self._flush_layer(name, keep=False)
 
     def _compute(self, name: str, x: torch.Tensor) -> None:
         geo = self._geos.get(name)

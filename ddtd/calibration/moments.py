@@ -138,12 +138,24 @@ def _axis_plan(size_padded: int, k: int, s: int, d: int):
     return plan, out
 
 
-def _lag_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``sum_m a[m]^T b[m]`` per group: ``(M, g, Cg) x (M, g, Cg) -> (g, Cg, Cg)``, no copies."""
+#: Values of the phase buffers (all of them, float32) that one chunk of the whole-grid lag
+#: products reads: about 1 MiB, an L2 cache.
+WHOLE_CHUNK_VALUES = 1 << 18
+
+
+def _lag_products(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum_m a[m]^T b[m]`` per group: ``(M, g, Cg) x (M, g, Cg) -> (g, Cg, Cg)``, no copies
+    (added into ``out`` when given)."""
     if a.shape[1] == 1:
+        if out is not None:
+            out[0].addmm_(a[:, 0].T, b[:, 0])
+            return out
         return (a[:, 0].T @ b[:, 0]).unsqueeze(0)
     if a.shape[2] == 1:  # depthwise: one number per group
-        return (a[:, :, 0] * b[:, :, 0]).sum(0).reshape(-1, 1, 1)
+        res = (a[:, :, 0] * b[:, :, 0]).sum(0).reshape(-1, 1, 1)
+        return res if out is None else out.add_(res)
+    if out is not None:
+        return out.baddbmm_(a.permute(1, 2, 0), b.permute(1, 0, 2))
     return torch.bmm(a.permute(1, 2, 0), b.permute(1, 0, 2))
 
 
@@ -221,6 +233,8 @@ def _unshuffle2(t: torch.Tensor, sh: int, sw: int) -> torch.Tensor:
 #: give the smallest float32 error; 8 points (tiles of 4 for 5 lags) stay close to direct GEMMs.
 _TOOM_POINTS = (Fraction(0), Fraction(1), Fraction(-1), Fraction(2), Fraction(-2), Fraction(1, 2), Fraction(-1, 2))
 MAX_TOOM_POINTS = len(_TOOM_POINTS) + 1
+_PRODS_FACTOR = 1
+_CHUNK_VALUES = 1 << 21
 
 
 def _vandermonde(points, n: int) -> list[list[Fraction]]:
@@ -409,7 +423,7 @@ def fast_correlation(
     # the transforms' (one chunk for wide layers on small maps).
     cg = c // groups
     per_image = c * (ti * tj * (3 * k + mi * mj + mi * pj) + hv * wv + pj * hv * tj)
-    step = max(1, (1 << 22) // per_image, -(-4 * k * groups * cg * cg // per_image))  # per_image > 0
+    step = max(1, _CHUNK_VALUES // per_image, -(-_PRODS_FACTOR * k * groups * cg * cg // per_image))  # per_image > 0
     prods = a.new_zeros(k, groups, cg, cg)
     for s0 in range(0, n, step):
         a_part = a[s0 : s0 + step]
@@ -579,7 +593,7 @@ def conv_moment_blocks(
     def phase_buffer(fr: int, fc: int, second: bool = False) -> torch.Tensor:
         key = (fr, fc, second and y is not None)
         if key not in bufs:
-            buf = x.new_zeros(front + m + back, g, cg)
+            buf = x.new_empty(front + m + back, g, cg)
             grid = buf[front : front + m].view(n, hs, ws, g, cg)
             src = yp if key[2] else xp
             if zero_pad:  # sub-grid index m <-> input row fr + sh*m - top
@@ -590,6 +604,14 @@ def conv_moment_blocks(
                 sub = src[:, :, fr::sh, fc::sw]
             hh, ww = sub.shape[2], sub.shape[3]
             grid[:, r0 : r0 + hh, c0 : c0 + ww] = sub.permute(0, 2, 3, 1).reshape(n, hh, ww, g, cg)
+            # Zero only what the copy did not write (zeroing the whole buffer first cost 8-16%
+            # of a layer's moment time): both ends, the rows and the columns around each image.
+            buf[:front].zero_()
+            buf[front + m :].zero_()
+            grid[:, :r0].zero_()
+            grid[:, r0 + hh :].zero_()
+            grid[:, r0 : r0 + hh, :c0].zero_()
+            grid[:, r0 : r0 + hh, c0 + ww :].zero_()
             bufs[key] = buf
         return bufs[key]
 
@@ -700,6 +722,36 @@ def conv_moment_blocks(
                 li0, lj0,
             )
 
+    def uses_fast(pl) -> bool:
+        return canonical(pl["key"])[0][:4] in fast_totals and (strategy == "fast" or pl["rim"] < pl["cells_cost"])
+
+    def uses_whole(pl) -> bool:
+        return (canonical(pl["key"])[0][:4] not in fast_totals
+                and {"whole": True, "cells": False}.get(strategy, pl["whole"] < pl["cells_cost"]))
+
+    # Whole-grid lag products, a few images at a time: every lag reads the same phase buffers,
+    # so a chunk that stays in cache serves all of them (one pass over memory instead of one
+    # per lag), while each chunk keeps at least 4 Cg positions so the accumulated Cg x Cg
+    # products cost less traffic than the inputs.
+    whole_plans = [pl for pl in plans if uses_whole(pl)]
+    whole_totals: dict[int, torch.Tensor] = {}
+    if whole_plans:
+        n_bufs = len({(pl["key"][0], pl["key"][1]) for pl in whole_plans}
+                     | {(pl["key"][2], pl["key"][3], y is not None) for pl in whole_plans})
+        per_image = hs * ws
+        step = max(1, WHOLE_CHUNK_VALUES // (per_image * x.shape[1] * n_bufs), -(-4 * cg // per_image))
+        for i0 in range(0, n, step):
+            lo, hi = front + i0 * per_image, front + min(n, i0 + step) * per_image
+            for idx, pl in enumerate(whole_plans):
+                buf_a = phase_buffer(pl["key"][0], pl["key"][1])
+                buf_b = phase_buffer(pl["key"][2], pl["key"][3], second=True)
+                a_part, b_part = buf_a[lo:hi], buf_b[lo + pl["shift"] : hi + pl["shift"]]
+                if idx in whole_totals:
+                    _lag_products(a_part, b_part, out=whole_totals[idx])
+                else:
+                    whole_totals[idx] = _lag_products(a_part, b_part)
+    whole_index = {id(pl): idx for idx, pl in enumerate(whole_plans)}
+
     blocks: dict[tuple[int, int], torch.Tensor] = {}
     for pl in plans:
         fai, faj, fbi, fbj, lag_i, lag_j = pl["key"]
@@ -718,16 +770,14 @@ def conv_moment_blocks(
 
         ckey, mirrored = canonical(pl["key"])
         total = None
-        if ckey[:4] in fast_totals and (strategy == "fast" or pl["rim"] < pl["cells_cost"]):
+        if uses_fast(pl):
             corr, li0, lj0 = fast_totals[ckey[:4]]
             total = corr[ckey[4] - li0, ckey[5] - lj0]
             total = total.transpose(1, 2) if mirrored else total
             both = True
-        elif ckey[:4] not in fast_totals:
-            whole = {"whole": True, "cells": False}.get(strategy, pl["whole"] < pl["cells_cost"])
-            if whole:
-                total = _lag_products(flat_a, flat_b)
-                both = False
+        elif id(pl) in whole_index:
+            total = whole_totals[whole_index[id(pl)]]
+            both = False
         window = {}
         if total is not None:
             outside = {c: cell_product(c, both) for c in cells if c not in in_all and live(c, both)}
