@@ -131,6 +131,7 @@ def test_lag_and_unfold_methods_equal_reference(k, s, p, d, g, mode):
     patches = unfold_patches(x, geo)
     ref = patches.transpose(1, 2) @ patches
     methods = ["lag", "lag-whole", "lag-cells", "unfold"] + (["lag-s2d"] if g == 1 and s > 1 else [])
+    methods += ["gather"] if g == 1 else []
     for method in methods:
         xxT, x_sum, count = conv_input_moments(x, geo, method=method)
         assert count == patches.shape[1]
@@ -159,10 +160,31 @@ def test_cross_moments_equal_reference(k, s, p, d, g, mode):
     y = x + 0.3 * torch.randn_like(x)
     px, py = unfold_patches(x, geo), unfold_patches(y, geo)
     ref = px.transpose(1, 2) @ py
-    for method in ["lag", "lag-whole", "lag-cells", "unfold"] + (["lag-s2d"] if g == 1 and s > 1 else []):
+    methods = ["lag", "lag-whole", "lag-cells", "unfold"] + (["lag-s2d"] if g == 1 and s > 1 else [])
+    for method in methods + (["gather"] if g == 1 else []):
         xyT, x_sum, count = conv_input_moments(x, geo, method=method, y=y)
         torch.testing.assert_close(xyT, ref, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(x_sum, px.sum(1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("size,expect_gather", [(32, True), (64, False)])
+def test_rgb_stem_moments_gathered_on_small_maps(size, expect_gather, monkeypatch):
+    """``auto`` takes gathered patches for a strided RGB stem on a small output map and
+    space-to-depth otherwise; chunked gathering (one image per chunk) equals X^T X (1e-12)."""
+    import ddtd.calibration.moments as moments
+
+    calls = []
+    orig = moments._gathered_moments
+    monkeypatch.setattr(moments, "_gathered_moments",
+                        lambda *a, **kw: calls.append(1) or orig(*a, **{**kw, "chunk_values": 1}))
+    geo = conv_geometry(nn.Conv2d(3, 16, 7, stride=2, padding=3))
+    x = torch.randn(3, 3, size, size, dtype=torch.float64)
+    patches = unfold_patches(x, geo)
+    xxT, x_sum, count = conv_input_moments(x, geo, method="auto")
+    assert bool(calls) == expect_gather
+    assert count == patches.shape[1]
+    torch.testing.assert_close(xxT, patches.transpose(1, 2) @ patches, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x_sum, patches.sum(1), rtol=1e-12, atol=1e-12)
 
 
 class _InPlaceAfterConv(nn.Module):
