@@ -369,11 +369,32 @@ def _fast_plan(h: int, w: int, ri: int, rj: int, n: int, cg: int, g: int):
     return best
 
 
-def _channels_last_window(x: torch.Tensor, row0: int, rows: int, col0: int, cols: int) -> torch.Tensor:
+class _Scratch:
+    """Reusable work buffers: ``get(name, shape)`` returns a view of a buffer that grows to the
+    largest request. Tensors allocated fresh for every chunk of images page-fault on first
+    write: a 3 MB strided copy into a fresh tensor took 1.3 ms, into a reused one 0.1 ms."""
+
+    def __init__(self, like: torch.Tensor):
+        self.like = like
+        self.bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape) -> torch.Tensor:
+        numel = 1
+        for d in shape:
+            numel *= d
+        buf = self.bufs.get(name)
+        if buf is None or buf.numel() < numel:
+            buf = self.bufs[name] = self.like.new_empty(numel)
+        return buf[:numel].view(tuple(shape))
+
+
+def _channels_last_window(x: torch.Tensor, row0: int, rows: int, col0: int, cols: int,
+                          out: torch.Tensor | None = None) -> torch.Tensor:
     """Rows ``row0 .. row0 + rows - 1`` and columns ``col0 ..`` of ``x (N, C, H, W)`` as a
-    channels-last ``(N, rows, cols, C)`` copy, zero outside ``x`` (only the margins are zeroed)."""
+    channels-last ``(N, rows, cols, C)`` copy, zero outside ``x`` (only the margins are zeroed;
+    written into ``out`` when given)."""
     n, c, h, w = x.shape
-    out = x.new_empty(n, rows, cols, c)
+    out = x.new_empty(n, rows, cols, c) if out is None else out
     r0, r1 = max(0, row0), min(h, row0 + rows)
     c0, c1 = max(0, col0), min(w, col0 + cols)
     if r0 >= r1 or c0 >= c1:
@@ -430,33 +451,42 @@ def fast_correlation(
 
     same = a is b and li0 <= 0 <= li1 and lj0 <= 0 <= lj1  # u's tiles lie inside v's buffer
 
+    work = _Scratch(a)  # every chunk reuses the same buffers (no page faults per chunk)
+
+    def gathered(name, view):
+        """A copy of a strided view into a reused buffer."""
+        return work.get(name, view.shape).copy_(view)
+
     def transformed(a, b):
         """``(G u, B v)`` of a few images, each ``(K, n Ti Tj, C)`` (channels-last)."""
         n = a.shape[0]
         # v: b on the rows / columns the lags reach, channels-last (zero outside b).
-        pb = _channels_last_window(b, li0, hv, lj0, wv)
+        pb = _channels_last_window(b, li0, hv, lj0, wv, out=work.get("pb", (n, hv, wv, c)))
         if same:
             pa, s_i, s_j = pb, -li0, -lj0
         else:
-            pa, s_i, s_j = _channels_last_window(a, 0, ti * mi, 0, tj * mj), 0, 0
+            pa = _channels_last_window(a, 0, ti * mi, 0, tj * mj, out=work.get("pa", (n, ti * mi, tj * mj, c)))
+            s_i, s_j = 0, 0
         # u: the tiles of a gathered as (mi, mj, n, Ti, Tj, C), transformed axis by axis.
         s_n, s_h, s_w, s_c = pa.stride()
-        u = pa[:, s_i:, s_j:].as_strided((mi, mj, n, ti, tj, c), (s_h, s_w, s_n, mi * s_h, mj * s_w, s_c))
-        u = u.reshape(mi, mj, -1)
+        u = gathered("u", pa[:, s_i:, s_j:].as_strided((mi, mj, n, ti, tj, c),
+                                                      (s_h, s_w, s_n, mi * s_h, mj * s_w, s_c)))
+        u = u.view(mi, mj, -1)
         length = u.shape[2]
-        uj = a.new_empty(mi, pj, length)
+        uj = work.get("uj", (mi, pj, length))
         for i in range(mi):
             _mix(gj, u[i], out=uj[i])
-        ut = a.new_empty(pi, pj, length)
+        ut = work.get("ut", (pi, pj, length))
         for jj in range(pj):
             _mix(gi, uj[:, jj], out=ut[:, jj])
         # v: the overlapping windows, gathered and transformed axis by axis: columns, then rows.
         s_n, s_h, s_w, s_c = pb.stride()
-        win = pb.as_strided((pj, n, hv, tj, c), (s_w, s_n, s_h, mj * s_w, s_c)).reshape(pj, -1)
-        y = _mix(bj, win).view(pj, n, hv, tj, c)
+        win = gathered("win", pb.as_strided((pj, n, hv, tj, c), (s_w, s_n, s_h, mj * s_w, s_c))).view(pj, -1)
+        y = _mix(bj, win, out=work.get("y", (pj, win.shape[1]))).view(pj, n, hv, tj, c)
         s = y.stride()
-        win = y.as_strided((pi, pj, n, ti, tj, c), (s[2], s[0], s[1], mi * s[2], s[3], s[4])).reshape(pi, -1)
-        vt = _mix(bi, win)
+        win = gathered("win2", y.as_strided((pi, pj, n, ti, tj, c), (s[2], s[0], s[1], mi * s[2], s[3], s[4])))
+        win = win.view(pi, -1)
+        vt = _mix(bi, win, out=work.get("vt", (pi, win.shape[1])))
         return ut.view(k, n * ti * tj, c), vt.view(k, n * ti * tj, c)
 
     # A few images at a time, so that the transformed tiles (about 3x the input each) stay in
