@@ -249,3 +249,71 @@ def test_interrupted_pass_discards_buffered_inputs():
         model(torch.randn(4, 3))
         raise KeyboardInterrupt
     assert col.moments == {}
+
+
+class _ThreeConvs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.c = nn.Conv2d(8, 4, 1)
+        self.fc = nn.Linear(4 * 4 * 4, 5)
+
+    def forward(self, x):
+        x = self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+        return self.fc(x.flatten(1))
+
+
+def test_layers_computed_side_by_side_give_the_same_sums():
+    """With two threads, buffers flushed together (mid-pass when one is full, and at the end)
+    are computed one layer per thread; the sums equal the one-thread, per-batch ones (1e-12)."""
+    from ddtd.calibration import MomentCollector
+
+    torch.manual_seed(0)
+    model = _ThreeConvs().double()
+    batches = [torch.randn(n, 3, 8, 8, dtype=torch.float64) for n in (3, 2, 4, 3, 1)]
+    import threading
+
+    workers = []
+    orig = MomentCollector._layer_moments
+
+    def recording(self, name, x):
+        workers.append(threading.current_thread() is not threading.main_thread())
+        return orig(self, name, x)
+
+    runs = {}
+    before = torch.get_num_threads()
+    try:
+        MomentCollector._layer_moments = recording
+        for label, threads, coalesce, parallel in (("reference", 1, 0, False), ("side by side", 2, 6 * 3 * 8 * 8 * 8 * 4, True)):
+            torch.set_num_threads(threads)
+            with torch.no_grad(), MomentCollector(model, coalesce_bytes=coalesce, parallel_flush=parallel) as col:
+                for b in batches:
+                    model(b)
+            runs[label] = col.moments
+            assert torch.get_num_threads() == threads  # the worker threads' setting does not leak
+    finally:
+        MomentCollector._layer_moments = orig
+        torch.set_num_threads(before)
+    assert any(workers)  # some layers were computed on worker threads
+    for name, ref in runs["reference"].items():
+        got = runs["side by side"][name]
+        assert got.count == ref.count
+        torch.testing.assert_close(got.xxT, ref.xxT, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got.x_sum, ref.x_sum, rtol=1e-12, atol=1e-12)
+
+
+def test_nan_found_by_a_worker_thread_names_the_layer():
+    from ddtd.calibration import MomentCollector
+    from ddtd.errors import NumericalError
+
+    model = _ThreeConvs()
+    with torch.no_grad():
+        model.b.weight.fill_(1e30)  # finite input to c, but its squares overflow float32
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(NumericalError, match="'c'"), torch.no_grad(), MomentCollector(model):
+            model(torch.rand(4, 3, 8, 8))
+    finally:
+        torch.set_num_threads(before)

