@@ -291,7 +291,12 @@ def test_layers_computed_side_by_side_give_the_same_sums():
                 for b in batches:
                     model(b)
             runs[label] = col.moments
-            assert torch.get_num_threads() == threads  # the worker threads' setting does not leak
+            # the thread count is restored, for this thread and for threads started later
+            later = []
+            t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+            t.start()
+            t.join()
+            assert torch.get_num_threads() == threads and later == [threads]
     finally:
         MomentCollector._layer_moments = orig
         torch.set_num_threads(before)

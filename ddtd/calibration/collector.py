@@ -304,9 +304,16 @@ class MomentCollector:
                 pending[1] = 0
         threads = min(len(work), torch.get_num_threads())
         if threads > 1 and self.parallel_flush and all(x.device.type == "cpu" for _, x in work):
-            with ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-                futures = [pool.submit(self._layer_moments, name, x) for name, x in work]
-                results = [f.result() for f in futures]
+            # torch's thread count is process-wide for threads that start later (and setting it
+            # from a worker thread can change the caller's): set 1 here, restore it after.
+            before = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                with ThreadPoolExecutor(threads) as pool:
+                    futures = [pool.submit(self._layer_moments, name, x) for name, x in work]
+                    results = [f.result() for f in futures]
+            finally:
+                torch.set_num_threads(before)
             for (name, _), res in zip(work, results):
                 self._check_and_accumulate(name, *res)
         else:
