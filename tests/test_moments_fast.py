@@ -94,9 +94,15 @@ def _fast_or_none(x, geo, y=None):
         return None
 
 
+@pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("k,s,p,d,g,mode", FAST_GRID)
-def test_fast_method_equals_unfold_float64(k, s, p, d, g, mode):
-    """lag-fast, the automatic choice and the direct lag method all equal X^T X (1e-12)."""
+def test_fast_method_equals_unfold_float64(k, s, p, d, g, mode, chunked, monkeypatch):
+    """lag-fast, the automatic choice and the direct lag methods all equal X^T X (1e-12), also
+    when the whole-grid products and the fast correlations run one image per chunk."""
+    if chunked:
+        monkeypatch.setattr(moments, "WHOLE_CHUNK_VALUES", 1)
+        monkeypatch.setattr(moments, "_CHUNK_VALUES", 1)
+        monkeypatch.setattr(moments, "_PRODS_FACTOR", 0)
     conv = nn.Conv2d(8, 8, k, stride=s, padding=p, dilation=d, groups=g, padding_mode=mode)
     geo = conv_geometry(conv)
     x = torch.randn(2, 8, 10, 9, dtype=torch.float64)
@@ -105,7 +111,7 @@ def test_fast_method_equals_unfold_float64(k, s, p, d, g, mode):
     except RuntimeError:
         pytest.skip("kernel larger than input")
     ref = patches.transpose(1, 2) @ patches
-    results = [conv_input_moments(x, geo, method=m) for m in ("auto", "lag", "lag-direct")]
+    results = [conv_input_moments(x, geo, method=m) for m in ("auto", "lag", "lag-direct", "lag-whole")]
     fast = _fast_or_none(x, geo)
     for xxT, x_sum, count in results + ([fast] if fast is not None else []):
         assert count == patches.shape[1]
@@ -194,27 +200,3 @@ def test_fast_correlation_of_empty_image_is_zero():
     out = fast_correlation(torch.zeros(2, 4, 0, 3), torch.randn(2, 4, 3, 3), (0, -1), (1, 1), groups=2)
     assert out.shape == (2, 3, 2, 2, 2) and not out.any()
 
-
-@pytest.mark.parametrize("k,s,p,d,g,mode", FAST_GRID[::5])
-def test_chunked_products_equal_unfold_float64(k, s, p, d, g, mode, monkeypatch):
-    """Chunking over images (the whole-grid lag products and the fast correlations, forced down
-    to one image per chunk) changes no sum: every method still equals X^T X (1e-12)."""
-    monkeypatch.setattr(moments, "WHOLE_CHUNK_VALUES", 1)
-    monkeypatch.setattr(moments, "_CHUNK_VALUES", 1)
-    monkeypatch.setattr(moments, "_PRODS_FACTOR", 0)
-    conv = nn.Conv2d(8, 8, k, stride=s, padding=p, dilation=d, groups=g, padding_mode=mode)
-    geo = conv_geometry(conv)
-    x = torch.randn(5, 8, 10, 9, dtype=torch.float64)
-    try:
-        patches = unfold_patches(x, geo)
-    except RuntimeError:
-        pytest.skip("kernel larger than input")
-    ref = patches.transpose(1, 2) @ patches
-    fast = _fast_or_none(x, geo)
-    for method in ("lag-whole", "lag-direct", "auto"):
-        xxT, x_sum, count = conv_input_moments(x, geo, method=method)
-        assert count == patches.shape[1]
-        torch.testing.assert_close(xxT, ref, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(x_sum, patches.sum(1), rtol=1e-12, atol=1e-12)
-    if fast is not None:
-        torch.testing.assert_close(fast[0], ref, rtol=1e-12, atol=1e-12)
