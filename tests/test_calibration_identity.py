@@ -130,7 +130,7 @@ def test_lag_and_unfold_methods_equal_reference(k, s, p, d, g, mode):
         pytest.skip("kernel larger than input")
     patches = unfold_patches(x, geo)
     ref = patches.transpose(1, 2) @ patches
-    methods = ["lag", "lag-whole", "lag-cells", "unfold"] + (["lag-s2d"] if g == 1 and s > 1 else [])
+    methods = ["lag", "lag-whole", "lag-cells", "unfold", "dense"] + (["lag-s2d"] if g == 1 and s > 1 else [])
     methods += ["gather"] if g == 1 else []
     for method in methods:
         xxT, x_sum, count = conv_input_moments(x, geo, method=method)
@@ -160,31 +160,76 @@ def test_cross_moments_equal_reference(k, s, p, d, g, mode):
     y = x + 0.3 * torch.randn_like(x)
     px, py = unfold_patches(x, geo), unfold_patches(y, geo)
     ref = px.transpose(1, 2) @ py
-    methods = ["lag", "lag-whole", "lag-cells", "unfold"] + (["lag-s2d"] if g == 1 and s > 1 else [])
+    methods = ["lag", "lag-whole", "lag-cells", "unfold", "dense"] + (["lag-s2d"] if g == 1 and s > 1 else [])
     for method in methods + (["gather"] if g == 1 else []):
         xyT, x_sum, count = conv_input_moments(x, geo, method=method, y=y)
         torch.testing.assert_close(xyT, ref, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(x_sum, px.sum(1), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("size,expect_gather", [(32, True), (64, False)])
-def test_rgb_stem_moments_gathered_on_small_maps(size, expect_gather, monkeypatch):
-    """``auto`` takes gathered patches for a strided RGB stem on a small output map and
-    space-to-depth otherwise; chunked gathering (one image per chunk) equals X^T X (1e-12)."""
+@pytest.mark.parametrize("size", [32, 64])
+def test_strided_and_pointwise_convs_use_gathered_patches(size, monkeypatch):
+    """``auto`` takes gathered patches for a strided RGB stem, a strided 3x3 conv and a 1x1
+    conv, and space-to-depth for the stem under ``auto-direct``; chunked gathering (one image
+    per chunk) equals X^T X (1e-12), cross moments too."""
     import ddtd.calibration.moments as moments
 
     calls = []
     orig = moments._gathered_moments
     monkeypatch.setattr(moments, "_gathered_moments",
                         lambda *a, **kw: calls.append(1) or orig(*a, **{**kw, "chunk_values": 1}))
-    geo = conv_geometry(nn.Conv2d(3, 16, 7, stride=2, padding=3))
-    x = torch.randn(3, 3, size, size, dtype=torch.float64)
-    patches = unfold_patches(x, geo)
+    for conv in (nn.Conv2d(3, 16, 7, stride=2, padding=3), nn.Conv2d(16, 8, 3, stride=2, padding=1),
+                 nn.Conv2d(8, 16, 1)):  # D = 147, 144 (three-quarter Gram), 8
+        geo = conv_geometry(conv)
+        x = torch.randn(3, conv.in_channels, size, size, dtype=torch.float64)
+        y = x + 0.1 * torch.randn_like(x)
+        patches, patches_y = unfold_patches(x, geo), unfold_patches(y, geo)
+        calls.clear()
+        xxT, x_sum, count = conv_input_moments(x, geo, method="auto")
+        assert calls
+        assert count == patches.shape[1]
+        torch.testing.assert_close(xxT, patches.transpose(1, 2) @ patches, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(x_sum, patches.sum(1), rtol=1e-12, atol=1e-12)
+        xyT, _, _ = conv_input_moments(x, geo, method="auto", y=y)
+        torch.testing.assert_close(xyT, patches.transpose(1, 2) @ patches_y, rtol=1e-12, atol=1e-12)
+    calls.clear()
+    stem = conv_geometry(nn.Conv2d(3, 16, 7, stride=2, padding=3))
+    conv_input_moments(torch.randn(2, 3, size, size, dtype=torch.float64), stem, method="auto-direct")
+    assert not calls
+
+
+TINY_MAP_GRID = [
+    (hw, geo) for hw in [(1, 1), (2, 2), (4, 3), (4, 4)]
+    for geo in [(3, 1, 1, 1, 1, "zeros"), (3, 2, 1, 1, 1, "zeros"), (3, 1, 2, 2, 2, "zeros"),
+                (2, 1, 0, 1, 1, "zeros"), (3, 1, 1, 1, 4, "reflect"), (3, 2, 1, 1, 1, "circular")]
+    # the kernel fits the padded input; reflect / circular padding narrower than the input
+    if min(hw) + 2 * geo[2] - geo[3] * (geo[0] - 1) - 1 >= 0 and (geo[5] == "zeros" or geo[2] < min(hw))
+]
+
+
+@pytest.mark.parametrize("hw,geometry", TINY_MAP_GRID)
+def test_tiny_maps_use_dense_moments(hw, geometry, monkeypatch):
+    """On maps of at most 16 positions ``auto`` builds Sigma from the whole input's second
+    moment; it equals X^T X of the unfolded patches (float64, 1e-12), cross moments too."""
+    import ddtd.calibration.moments as moments
+
+    k, s, p, d, g, mode = geometry
+    conv = nn.Conv2d(8, 8, k, stride=s, padding=p, dilation=d, groups=g, padding_mode=mode)
+    geo = conv_geometry(conv)
+    calls = []
+    orig = moments._dense_moments
+    monkeypatch.setattr(moments, "_dense_moments", lambda *a, **kw: calls.append(1) or orig(*a, **kw))
+    x = torch.randn(5, 8, *hw, dtype=torch.float64)
+    y = x + 0.1 * torch.randn_like(x)
+    px, py = unfold_patches(x, geo), unfold_patches(y, geo)
     xxT, x_sum, count = conv_input_moments(x, geo, method="auto")
-    assert bool(calls) == expect_gather
-    assert count == patches.shape[1]
-    torch.testing.assert_close(xxT, patches.transpose(1, 2) @ patches, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(x_sum, patches.sum(1), rtol=1e-12, atol=1e-12)
+    # other padding modes pad first: dense when the padded map has at most 16 positions
+    assert bool(calls) == (mode == "zeros" or (hw[0] + 2 * p) * (hw[1] + 2 * p) <= 16)
+    assert count == px.shape[1]
+    torch.testing.assert_close(xxT, px.transpose(1, 2) @ px, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x_sum, px.sum(1), rtol=1e-12, atol=1e-12)
+    xyT, _, _ = conv_input_moments(x, geo, method="dense", y=y)
+    torch.testing.assert_close(xyT, px.transpose(1, 2) @ py, rtol=1e-12, atol=1e-12)
 
 
 class _InPlaceAfterConv(nn.Module):

@@ -138,10 +138,6 @@ def _axis_plan(size_padded: int, k: int, s: int, d: int):
     return plan, out
 
 
-#: Strided convs with few channels whose output map has at most this many positions take
-#: their moments from gathered patches (:func:`_gathered_moments`) instead of space-to-depth.
-GATHER_MAX_POSITIONS = 16 * 16
-
 #: Values of the phase buffers (all of them, float32) that one chunk of the whole-grid lag
 #: products reads: about 1 MiB, an L2 cache.
 WHOLE_CHUNK_VALUES = 1 << 18
@@ -161,6 +157,134 @@ def _lag_products(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = N
     if out is not None:
         return out.baddbmm_(a.permute(1, 2, 0), b.permute(1, 0, 2))
     return torch.bmm(a.permute(1, 2, 0), b.permute(1, 0, 2))
+
+
+@functools.cache
+def _onednn_gemm():
+    """oneDNN's float32 matmul ``X @ W^T`` when this torch build has it, else ``None``.
+
+    On the CPU measured (AMD EPYC with AVX-512, one thread) torch's default float32 GEMM (MKL)
+    ran the moment products at 40-48 GMAC/s and oneDNN at 77-105, both to float32 rounding;
+    oneDNN is fast only when both operands have the summed dimension contiguous.
+    """
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return None
+        op = torch.ops.mkldnn._linear_pointwise
+        probe = torch.arange(6, dtype=torch.float32).view(2, 3)
+        if not torch.equal(op(probe, probe, None, "none", [None], ""), probe @ probe.T):
+            return None
+    except (AttributeError, RuntimeError):
+        return None
+    return op
+
+
+def _gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b^T`` for ``a (M, K)`` and ``b (N, K)`` with ``K`` contiguous: oneDNN for float32
+    on the CPU (:func:`_onednn_gemm`), else ``torch.mm``."""
+    op = _onednn_gemm() if a.device.type == "cpu" and a.dtype == torch.float32 else None
+    if op is not None:
+        return op(a.contiguous(), b.contiguous(), None, "none", [None], "")
+    return a @ b.T
+
+
+#: ``auto`` computes a conv's moments from the second moment of its whole input
+#: (:func:`_dense_moments`) when the input map has at most this many positions and
+#: ``C * H * W`` is at most :data:`DENSE_MAX_DIM`.
+DENSE_MAX_POSITIONS = 16
+DENSE_MAX_DIM = 4096
+
+
+@functools.lru_cache(maxsize=256)
+def _dense_plan(geo: ConvGeometry, h: int, w: int, symmetric: bool):
+    """Index plan of :func:`_dense_moments` for an ``h x w`` input (after padding for non-zero
+    padding modes): block keys, the number of pieces ``(u, v)``, the selection matrices
+    ``(keys, pieces)`` (symmetric: ``(keys, 2 pieces)``, the pieces and then their transposes)
+    and ``(kh kw, h w)`` for the sums, and the number of output positions."""
+    (kh, kw), (sh, sw), (dh, dw) = geo.kernel_size, geo.stride, geo.dilation
+    top, bottom, left, right = geo.pad if geo.padding_mode == "zeros" else (0, 0, 0, 0)
+    ho = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + left + right - dw * (kw - 1) - 1) // sw + 1
+    q_count, kk = h * w, kh * kw
+    tap = []  # per offset, per output position: the input position it reads (None: padding)
+    for a in range(kk):
+        ai, aj = divmod(a, kw)
+        rows = [sh * pi + dh * ai - top for pi in range(ho)]
+        cols = [sw * pj + dw * aj - left for pj in range(wo)]
+        tap.append([r * w + col if 0 <= r < h and 0 <= col < w else None for r in rows for col in cols])
+    piece_ids = {}
+    for u in range(q_count):
+        for v in range(u if symmetric else 0, q_count):
+            piece_ids[(u, v)] = len(piece_ids)
+    pairs = (itertools.combinations_with_replacement(range(kk), 2) if symmetric
+             else itertools.product(range(kk), repeat=2))
+    keys, entries = [], []
+    for ia, ib in pairs:
+        valid = [(u, v) for u, v in zip(tap[ia], tap[ib]) if u is not None and v is not None]
+        if valid:
+            for u, v in valid:
+                if (u, v) in piece_ids:
+                    entries.append((0, len(keys), piece_ids[(u, v)]))
+                else:
+                    entries.append((1, len(keys), piece_ids[(v, u)]))
+            keys.append((ia, ib))
+    # Columns: the pieces, then (symmetric case) the same pieces transposed.
+    select = torch.zeros(len(keys), (2 if symmetric else 1) * len(piece_ids), dtype=torch.float64)
+    for side, k, piece in entries:
+        select[k, side * len(piece_ids) + piece] += 1
+    select_sum = torch.zeros(kk, q_count, dtype=torch.float64)
+    for a in range(kk):
+        for q in tap[a]:
+            if q is not None:
+                select_sum[a, q] += 1
+    return keys, len(piece_ids), select, select_sum, ho * wo
+
+
+def _dense_moments(x: torch.Tensor, geo: ConvGeometry, y: torch.Tensor | None = None):
+    """Moments of a conv on a tiny feature map from the second moment of its whole input.
+
+    Flatten one group's input per image as ``X (Q Cg, N)`` (``Q`` input positions, after
+    padding for non-zero padding modes); ``M = X X^T`` holds the ``(Cg, Cg)`` product of every
+    pair of positions ``u, v``, and Sigma's block ``(a, b)`` is the sum of the pieces
+    ``(q_a(p), q_b(p))`` over the output positions ``p`` whose taps are not zero padding. Only
+    the pieces ``u <= v`` are computed (``M[v, u] = M[u, v]^T``), one GEMM per ``u``; the
+    blocks are then one small GEMM selecting pieces and their transposes. For a 3x3 conv on a 2x2 map that is
+    ``10 Cg^2`` multiply-adds an image against ``9 * 16 Cg^2`` for the lag products on the
+    padded grid, in large GEMMs. Returns the same ``(blocks, sum x, count)`` as the lag methods.
+    """
+    if geo.padding_mode != "zeros":  # padded copies of real values: pad, then no zero taps
+        x = _pad(x, geo)
+        y = None if y is None else _pad(y, geo)
+    n, c, h, w = x.shape
+    g = geo.groups
+    cg, q_count = c // g, h * w
+    symmetric = y is None
+    keys, n_pieces, select, select_sum, positions = _dense_plan(geo, h, w, symmetric)
+    if positions <= 0:
+        raise ValueError(f"input {tuple(x.shape)} is smaller than the kernel for {geo}")
+    select, select_sum = select.to(x), select_sum.to(x)
+    blocks_t = x.new_empty(len(keys), g, cg, cg)
+    x_sum = x.new_empty(g, cg, geo.kernel_size[0] * geo.kernel_size[1])
+    pieces = x.new_empty(select.shape[1], cg, cg)
+
+    def flat(t, grp):  # (Q Cg, N): positions outer, channels inner, images contiguous
+        return t[:, grp * cg : (grp + 1) * cg].permute(2, 3, 1, 0).reshape(q_count * cg, n).contiguous()
+
+    for grp in range(g):
+        xt = flat(x, grp)
+        yt = xt if symmetric else flat(y, grp)
+        first = 0
+        for u in range(q_count):
+            v0 = u if symmetric else 0
+            row = _gram(xt[u * cg : (u + 1) * cg], yt[v0 * cg :])  # (Cg, (Q - v0) Cg)
+            pieces[first : first + q_count - v0] = row.view(cg, q_count - v0, cg).transpose(0, 1)
+            first += q_count - v0
+        if symmetric:
+            pieces[n_pieces:] = pieces[:n_pieces].transpose(1, 2)
+        blocks_t[:, grp] = (select @ pieces.view(-1, cg * cg)).view(-1, cg, cg)
+        x_sum[grp] = xt.sum(1).view(q_count, cg).T @ select_sum.T
+    blocks = {key: blocks_t[i] for i, key in enumerate(keys)}
+    return blocks, x_sum.reshape(g, -1), n * positions
 
 
 def _unfold_moments(x: torch.Tensor, geo: ConvGeometry, y: torch.Tensor | None = None,
@@ -185,40 +309,57 @@ def _unfold_moments(x: torch.Tensor, geo: ConvGeometry, y: torch.Tensor | None =
 
 def _gathered_moments(x: torch.Tensor, geo: ConvGeometry, y: torch.Tensor | None = None,
                       chunk_values: int = 1 << 19):
-    """Moments of a ``groups = 1`` conv from explicit patches gathered channels-last.
+    """Moments of a ``groups = 1`` conv from explicit patches, a few images at a time.
 
-    Each chunk of images is one strided copy of ``(positions, kh*kw*C)`` patches in
-    ``(row, column, channel)`` order (no ``F.unfold`` and no transposed copy) and one GEMM into
-    the ``D x D`` sum; the result is permuted once to the ``(channel, row, column)`` unfold order.
-    Used for convs with few input channels on small maps (an RGB stem on 32 px images), where the
-    shifted-window products are many tiny GEMMs. Returns the dense ``(1, D, D)`` matrix.
+    Each chunk is one strided copy of the patches as a ``(D, positions)`` matrix in the unfold
+    order (``D = C kh kw`` rows, positions contiguous: the layout oneDNN's GEMM is fast on, see
+    :func:`_onednn_gemm`) and its Gram matrix, three quarters of it (the two diagonal blocks
+    and one off-diagonal block of a 2 x 2 split; the other is its transpose). Chunks of about
+    ``chunk_values`` values stay in cache. Used for strided convs with few input channels (an
+    RGB stem), where the shifted-window products are many tiny GEMMs. Returns the dense
+    ``(1, D, D)`` matrix.
     """
     if geo.groups != 1:
         raise ValueError("gathered moments need groups = 1")
     (kh, kw), (sh, sw), (dh, dw) = geo.kernel_size, geo.stride, geo.dilation
+    xp = _pad(x, geo)
+    yp = None if y is None else _pad(y, geo)
+    n, c, hp, wp = xp.shape
+    ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    if ho <= 0 or wo <= 0:
+        raise ValueError(f"input {tuple(x.shape)} is smaller than the kernel for {geo}")
+    dim, per_image = c * kh * kw, ho * wo
+    step = max(1, chunk_values // (dim * per_image))
 
-    def patches_view(t):
-        t = _pad(t, geo).permute(0, 2, 3, 1).contiguous()  # (N, Hp, Wp, C)
-        n, hp, wp, c = t.shape
-        ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
-        s_n, s_h, s_w, s_c = t.stride()
-        return t.as_strided((n, ho, wo, kh, kw, c), (s_n, s_h * sh, s_w * sw, s_h * dh, s_w * dw, s_c))
+    def patches(t, i, buf):  # (D, m * ho * wo) patches of images i .. i + step - 1
+        part = t[i : i + step]
+        s_n, s_c, s_h, s_w = part.stride()
+        view = part.as_strided((c, kh, kw, part.shape[0], ho, wo),
+                               (s_c, s_h * dh, s_w * dw, s_n, s_h * sh, s_w * sw))
+        out = buf[:, : part.shape[0] * per_image]
+        out.view(view.shape).copy_(view)
+        return out
 
-    vx = patches_view(x)
-    vy = vx if y is None else patches_view(y)
-    n, ho, wo, _, _, c = vx.shape
-    dim = kh * kw * c
+    buf_x = x.new_empty(dim, min(step, n) * per_image)
+    buf_y = None if y is None else x.new_empty(dim, min(step, n) * per_image)
     xxT = x.new_zeros(dim, dim)
     x_sum = x.new_zeros(dim)
-    step = max(1, chunk_values // (ho * wo * dim))
+    h = dim // 2
     for i in range(0, n, step):
-        px = vx[i : i + step].reshape(-1, dim)
-        py = px if y is None else vy[i : i + step].reshape(-1, dim)
-        xxT.addmm_(px.T, py)
-        x_sum += px.sum(0)
-    # (row, column, channel) -> (channel, row, column)
-    perm = torch.arange(dim, device=x.device).view(kh, kw, c).permute(2, 0, 1).reshape(-1)
-    return xxT[perm][:, perm].unsqueeze(0), x_sum[perm].unsqueeze(0), n * ho * wo
+        px = patches(xp, i, buf_x)
+        x_sum += px.sum(1)
+        if y is not None:
+            xxT += _gram(px, patches(yp, i, buf_y))
+        elif h < 64:
+            xxT += _gram(px, px)
+        else:
+            top, bottom = px[:h], px[h:]
+            xxT[:h, :h] += _gram(top, top)
+            xxT[:h, h:] += _gram(top, bottom)
+            xxT[h:, h:] += _gram(bottom, bottom)
+    if y is None and h >= 64:
+        xxT[h:, :h] = xxT[:h, h:].T
+    return xxT.unsqueeze(0), x_sum.unsqueeze(0), n * per_image
 
 
 def _space_to_depth_blocks(x: torch.Tensor, geo: ConvGeometry, y: torch.Tensor | None = None,
@@ -541,6 +682,16 @@ def assemble_blocks(blocks: dict, geo: ConvGeometry, symmetric: bool, like: torc
     return full.permute(0, 3, 1, 4, 2).reshape(g, cg * kk, cg * kk)
 
 
+def _dense_fits(x: torch.Tensor, geo: ConvGeometry) -> bool:
+    """Whether ``auto`` takes :func:`_dense_moments` for input ``x``: a tiny map (at most
+    :data:`DENSE_MAX_POSITIONS` positions after padding) and ``Cg H W <= DENSE_MAX_DIM``."""
+    top, bottom, left, right = geo.pad
+    positions = (x.shape[2] + top + bottom) * (x.shape[3] + left + right)
+    if geo.padding_mode == "zeros":
+        positions = x.shape[2] * x.shape[3]
+    return positions <= DENSE_MAX_POSITIONS and (x.shape[1] // geo.groups) * positions <= DENSE_MAX_DIM
+
+
 def conv_moment_blocks(
     x: torch.Tensor,
     geo: ConvGeometry,
@@ -565,9 +716,10 @@ def conv_moment_blocks(
         geo: the conv's geometry (:func:`conv_geometry`).
         compute_dtype: dtype of the GEMMs; default float32 for half / float32 inputs and
             float64 for float64 inputs.
-        method: ``"auto"`` (default): ``"lag"`` when there are at least 8 channels per group
-            or the kernel is 1x1, ``"lag-s2d"`` for a strided conv with few channels (an RGB
-            stem), else ``"unfold"``. ``"lag"`` (shifted-window products, see the module
+        method: ``"auto"`` (default): ``"dense"`` for a k x k conv on a tiny input map (at
+            most :data:`DENSE_MAX_POSITIONS` positions, :func:`_dense_moments`), ``"gather"`` for
+            1x1 and strided convs with ``groups = 1``, ``"lag"`` for other convs with at least 8
+            channels per group, else ``"unfold"``. ``"lag"`` (shifted-window products, see the module
             docstring) estimates, per layer geometry and batch, the multiply-adds of its two
             ways to get each lag's total (below) and takes the cheaper: ``"lag-fast"``, all lags
             of a pair of stride phases at once by :func:`fast_correlation` (Toom-Cook
@@ -576,13 +728,15 @@ def conv_moment_blocks(
             corrections on the border cells, or ``"lag-direct"``, one GEMM per lag (the
             previous default; wins for strided convs and tiny maps). ``"unfold"``: explicit
             patches, cheaper when there are few channels per group (a depthwise conv).
-            ``"auto-direct"`` is ``"auto"`` without the fast correlations (for benchmarks).
+            ``"auto-direct"`` is the previous default (for benchmarks): ``"lag"`` without the
+            fast correlations, ``"lag-s2d"`` (space-to-depth) for a strided conv with few
+            channels (an RGB stem), else ``"unfold"``.
             ``"lag-whole"`` / ``"lag-cells"`` force one of the direct method's two exact ways
             of summing a window, ``"lag-fast"`` forces the fast one (raises ``ValueError`` when
             a lag range needs more than :data:`MAX_TOOM_POINTS` points, e.g. a dilated kernel);
-            ``"gather"``: explicit patches gathered channels-last, one GEMM per chunk (groups = 1;
-            ``"auto"`` takes it instead of ``"lag-s2d"`` on output maps of at most
-            :data:`GATHER_MAX_POSITIONS` positions);
+            ``"gather"``: explicit patches as a ``(D, positions)`` matrix, a few images at a
+            time, and oneDNN GEMMs (:func:`_gathered_moments`; groups = 1); ``"dense"``: from
+            the second moment of the whole input (:func:`_dense_moments`);
             every method gives the same sums up to float rounding (for tests).
 
     Returns:
@@ -605,18 +759,25 @@ def conv_moment_blocks(
     inner = "lag"
     if method in ("auto", "auto-direct"):
         inner = "lag" if method == "auto" else "lag-direct"
-        if kh * kw == 1 or cg >= 8:
+        strided = geo.stride != (1, 1)
+        if method == "auto" and kh * kw > 1 and _dense_fits(x, geo):
+            method = "dense"
+        elif method == "auto" and g == 1 and (kh * kw > 1 and strided or kh * kw == 1 and (
+                not strided or x.shape[2] * x.shape[3] >= 4 * 49)):
+            # Patches gathered as (D, positions) + oneDNN GEMMs: 2-3x faster than the lag
+            # products for 1x1 convs, 1.2-1.4x for the strided 3x3 / 7x7 convs of a ResNet-18 at
+            # 224 px (ties at 14x14 inputs), one thread. Not for a strided 1x1 conv on a small
+            # map: the strided copy of 1-element runs cost more than the GEMM (8x8 input: 2x).
+            method = "gather"
+        elif kh * kw == 1 or cg >= 8:
             method = inner
-        elif g == 1 and geo.stride != (1, 1) and cg * geo.stride[0] * geo.stride[1] >= 8:
-            # e.g. an RGB stem with stride 2: 12 channels after space-to-depth. On small output
-            # maps (a 7x7 stem on 32 px images) the border cells make that many tiny GEMMs and
-            # gathered patches are faster (1.2x measured at 16x16, 0.6-0.8x from 32x32 up).
-            top, bottom, left, right = geo.pad
-            ho = (x.shape[2] + top + bottom - geo.dilation[0] * (kh - 1) - 1) // geo.stride[0] + 1
-            wo = (x.shape[3] + left + right - geo.dilation[1] * (kw - 1) - 1) // geo.stride[1] + 1
-            method = "gather" if ho * wo <= GATHER_MAX_POSITIONS else "lag-s2d"
+        elif g == 1 and strided and cg * geo.stride[0] * geo.stride[1] >= 8:
+            # e.g. an RGB stem with stride 2 (auto-direct): 12 channels after space-to-depth.
+            method = "lag-s2d"
         else:
             method = "unfold"
+    if method == "dense":
+        return _dense_moments(x, geo, y)
     if method == "unfold":
         return _unfold_moments(x, geo, y)
     if method == "gather":
@@ -906,5 +1067,7 @@ def linear_input_moments(
     if compute_dtype is None:
         compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     flat = x.reshape(-1, x.shape[-1]).to(compute_dtype)
-    other = flat if y is None else y.reshape(-1, y.shape[-1]).to(compute_dtype)
-    return (flat.T @ other).unsqueeze(0), flat.sum(0).unsqueeze(0), flat.shape[0]
+    # (D, samples) with the samples contiguous, the layout oneDNN's GEMM is fast on (_gram)
+    xt = flat.T.contiguous()
+    yt = xt if y is None else y.reshape(-1, y.shape[-1]).to(compute_dtype).T.contiguous()
+    return _gram(xt, yt).unsqueeze(0), flat.sum(0).unsqueeze(0), flat.shape[0]
