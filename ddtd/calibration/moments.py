@@ -39,6 +39,13 @@ outside), so each window is then corrected exactly by subtracting the products o
 cells outside it. The transforms are exact in rational arithmetic (float64 results equal
 explicit unfolding to 1e-12) and, with the points ``0, +-1, +-2, +-1/2, inf``, as accurate as
 the direct GEMMs in float32.
+
+**Other layers.** 1x1 and strided convs gather their patches as a ``(D, positions)`` matrix a
+few images at a time (:func:`_gathered_moments`), and convs on tiny maps (at most 16 positions,
+the last stages of a network on 32 px images) take Sigma from the second moment of the whole
+input (:func:`_dense_moments`). Both, and Linear layers, are large GEMMs whose summed dimension
+is contiguous, which oneDNN runs about twice as fast as torch's default CPU GEMM
+(:func:`_onednn_gemm`; measured on an AVX-512 EPYC).
 """
 
 from __future__ import annotations
@@ -188,9 +195,9 @@ def _gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a @ b.T
 
 
-#: ``auto`` computes a conv's moments from the second moment of its whole input
-#: (:func:`_dense_moments`) when the input map has at most this many positions and
-#: ``C * H * W`` is at most :data:`DENSE_MAX_DIM`.
+#: ``auto`` computes a k x k conv's moments from the second moment of its whole input
+#: (:func:`_dense_moments`) when the input map has at most this many positions (after padding
+#: for non-zero padding modes) and ``Cg * H * W`` is at most :data:`DENSE_MAX_DIM`.
 DENSE_MAX_POSITIONS = 16
 DENSE_MAX_DIM = 4096
 
@@ -248,9 +255,11 @@ def _dense_moments(x: torch.Tensor, geo: ConvGeometry, y: torch.Tensor | None = 
     pair of positions ``u, v``, and Sigma's block ``(a, b)`` is the sum of the pieces
     ``(q_a(p), q_b(p))`` over the output positions ``p`` whose taps are not zero padding. Only
     the pieces ``u <= v`` are computed (``M[v, u] = M[u, v]^T``), one GEMM per ``u``; the
-    blocks are then one small GEMM selecting pieces and their transposes. For a 3x3 conv on a 2x2 map that is
-    ``10 Cg^2`` multiply-adds an image against ``9 * 16 Cg^2`` for the lag products on the
-    padded grid, in large GEMMs. Returns the same ``(blocks, sum x, count)`` as the lag methods.
+    blocks are then one small GEMM selecting pieces and their transposes. For a 3x3 conv on a
+    2x2 map that is ``10 Cg^2`` multiply-adds an image against ``9 * 16 Cg^2`` for the lag
+    products on the padded grid, in large GEMMs (measured, one thread, 512 images: 2x2 maps
+    1.4-1.7x faster, 1x1 2x, 4x4 1.0-1.15x). Returns the same ``(blocks, sum x, count)`` as the
+    lag methods.
     """
     if geo.padding_mode != "zeros":  # padded copies of real values: pad, then no zero taps
         x = _pad(x, geo)
