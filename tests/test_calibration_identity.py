@@ -367,3 +367,24 @@ def test_nan_found_by_a_worker_thread_names_the_layer():
             model(torch.rand(4, 3, 8, 8))
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("method,c,k,s,size", [("gather", 3, 7, 2, 32), ("gather", 96, 3, 2, 8), ("gather", 128, 1, 1, 6),
+                                               ("dense", 128, 3, 1, 4), ("dense", 256, 3, 2, 2)])
+def test_gemm_paths_float32_close_to_float64(method, c, k, s, size):
+    """The float32 moments of the gathered / dense paths (oneDNN GEMMs on the CPU when
+    available) are within 2e-6 of float64 Sigma (relative to its largest entry), and so is a
+    Linear layer's."""
+    from ddtd.calibration.moments import linear_input_moments
+
+    torch.manual_seed(0)
+    geo = conv_geometry(nn.Conv2d(c, 8, k, stride=s, padding=k // 2))
+    x = torch.relu(torch.randn(64, c, size, size, dtype=torch.float64) + 0.3)
+    ref, ref_sum, _ = conv_input_moments(x, geo, method="unfold")
+    got, got_sum, _ = conv_input_moments(x.float(), geo, method=method)
+    assert ((got.double() - ref).abs().max() / ref.abs().max()).item() < 2e-6
+    assert ((got_sum.double() - ref_sum).abs().max() / ref_sum.abs().max()).item() < 2e-6
+    flat = x.permute(0, 2, 3, 1).reshape(-1, c)
+    lin, _, _ = linear_input_moments(flat.float())
+    lin_ref = flat.T @ flat
+    assert ((lin[0].double() - lin_ref).abs().max() / lin_ref.abs().max()).item() < 2e-6
