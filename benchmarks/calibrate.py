@@ -7,7 +7,8 @@ For each model: images per second of plain inference and of calibration (forward
 hooks) on the same preloaded images, each at its best batch size of those tried (calibration
 amortises its per-batch float64 accumulation over larger batches), their ratio (target: <= 3x)
 for the default moment algorithm (``conv_method="auto"``: fast Toom-Cook lag correlations where
-they are cheaper) and for the previous default (``"auto-direct"``: one GEMM per lag), the
+they are cheaper, gathered patches for 1x1 / strided convs, whole-input moments on tiny maps)
+and for the older lag-only method (``"auto-direct"``: one GEMM per lag), the
 ratios at equal batch sizes, the naive unfold-then-X^T X reference, peak memory (max RSS of a
 fresh process per model), and the size of the HDF5 store. Timings alternate inference and both
 calibrations and report medians.
