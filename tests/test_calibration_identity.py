@@ -210,16 +210,20 @@ TINY_MAP_GRID = [
 @pytest.mark.parametrize("hw,geometry", TINY_MAP_GRID)
 def test_tiny_maps_use_dense_moments(hw, geometry, monkeypatch):
     """On maps of at most 16 positions ``auto`` builds Sigma from the whole input's second
-    moment; it equals X^T X of the unfolded patches (float64, 1e-12), cross moments too."""
+    moment (8 channels per group); it equals X^T X of the unfolded patches (float64, 1e-12),
+    cross moments too. A depthwise conv on the same map keeps the lag products."""
     import ddtd.calibration.moments as moments
 
     k, s, p, d, g, mode = geometry
-    conv = nn.Conv2d(8, 8, k, stride=s, padding=p, dilation=d, groups=g, padding_mode=mode)
+    conv = nn.Conv2d(8 * g, 8 * g, k, stride=s, padding=p, dilation=d, groups=g, padding_mode=mode)
     geo = conv_geometry(conv)
     calls = []
     orig = moments._dense_moments
     monkeypatch.setattr(moments, "_dense_moments", lambda *a, **kw: calls.append(1) or orig(*a, **kw))
-    x = torch.randn(5, 8, *hw, dtype=torch.float64)
+    depthwise = conv_geometry(nn.Conv2d(8, 8, k, stride=s, padding=p, dilation=d, groups=8, padding_mode=mode))
+    conv_input_moments(torch.randn(2, 8, *hw, dtype=torch.float64), depthwise, method="auto")
+    assert not calls
+    x = torch.randn(5, 8 * g, *hw, dtype=torch.float64)
     y = x + 0.1 * torch.randn_like(x)
     px, py = unfold_patches(x, geo), unfold_patches(y, geo)
     xxT, x_sum, count = conv_input_moments(x, geo, method="auto")
