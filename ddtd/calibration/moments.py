@@ -324,9 +324,10 @@ def _gathered_moments(x: torch.Tensor, geo: ConvGeometry, y: torch.Tensor | None
     order (``D = C kh kw`` rows, positions contiguous: the layout oneDNN's GEMM is fast on, see
     :func:`_onednn_gemm`) and its Gram matrix, three quarters of it (the two diagonal blocks
     and one off-diagonal block of a 2 x 2 split; the other is its transpose). Chunks of about
-    ``chunk_values`` values stay in cache. Used for strided convs with few input channels (an
-    RGB stem), where the shifted-window products are many tiny GEMMs. Returns the dense
-    ``(1, D, D)`` matrix.
+    ``chunk_values`` values stay in cache. ``auto`` uses it for 1x1 convs (no duplication:
+    the patches are the input) and strided convs (the lag products split into stride phases
+    with little reuse; an RGB stem's are many tiny GEMMs). Returns the dense ``(1, D, D)``
+    matrix.
     """
     if geo.groups != 1:
         raise ValueError("gathered moments need groups = 1")
