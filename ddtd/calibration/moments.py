@@ -138,9 +138,14 @@ def unfold_patches(x: torch.Tensor, geo: ConvGeometry) -> torch.Tensor:
     return cols.reshape(g, n * length, geo.dim)
 
 
+def _out_size(size_padded: int, k: int, s: int, d: int) -> int:
+    """Output length along one axis of a conv (kernel ``k``, stride ``s``, dilation ``d``)."""
+    return (size_padded - d * (k - 1) - 1) // s + 1
+
+
 def _axis_plan(size_padded: int, k: int, s: int, d: int):
     """Per kernel offset along one axis: (phase, offset) on the stride lattice, and output length."""
-    out = (size_padded - d * (k - 1) - 1) // s + 1
+    out = _out_size(size_padded, k, s, d)
     plan = [divmod(d * a, s)[::-1] for a in range(k)]  # (phase f, offset o) with d*a = s*o + f
     return plan, out
 
@@ -210,8 +215,7 @@ def _dense_plan(geo: ConvGeometry, h: int, w: int, symmetric: bool):
     and ``(kh kw, h w)`` for the sums, and the number of output positions."""
     (kh, kw), (sh, sw), (dh, dw) = geo.kernel_size, geo.stride, geo.dilation
     top, bottom, left, right = geo.pad if geo.padding_mode == "zeros" else (0, 0, 0, 0)
-    ho = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
-    wo = (w + left + right - dw * (kw - 1) - 1) // sw + 1
+    ho, wo = _out_size(h + top + bottom, kh, sh, dh), _out_size(w + left + right, kw, sw, dw)
     q_count, kk = h * w, kh * kw
     tap = []  # per offset, per output position: the input position it reads (None: padding)
     for a in range(kk):
@@ -335,7 +339,7 @@ def _gathered_moments(x: torch.Tensor, geo: ConvGeometry, y: torch.Tensor | None
     xp = _pad(x, geo)
     yp = None if y is None else _pad(y, geo)
     n, c, hp, wp = xp.shape
-    ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    ho, wo = _out_size(hp, kh, sh, dh), _out_size(wp, kw, sw, dw)
     if ho <= 0 or wo <= 0:
         raise ValueError(f"input {tuple(x.shape)} is smaller than the kernel for {geo}")
     dim, per_image = c * kh * kw, ho * wo
@@ -387,7 +391,7 @@ def _space_to_depth_blocks(x: torch.Tensor, geo: ConvGeometry, y: torch.Tensor |
     xp = _pad(x, geo)
     yp = None if y is None else _pad(y, geo)
     hp, wp = xp.shape[-2:]
-    ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    ho, wo = _out_size(hp, kh, sh, dh), _out_size(wp, kw, sw, dw)
     kh2, kw2 = -(-(dh * (kh - 1) + 1) // sh), -(-(dw * (kw - 1) + 1) // sw)
     rows, cols = (ho + kh2 - 1) * sh, (wo + kw2 - 1) * sw  # exactly what the output positions use
 
@@ -730,9 +734,10 @@ def conv_moment_blocks(
         geo: the conv's geometry (:func:`conv_geometry`).
         compute_dtype: dtype of the GEMMs; default float32 for half / float32 inputs and
             float64 for float64 inputs.
-        method: ``"auto"`` (default): ``"dense"`` for a k x k conv on a tiny input map (at
-            most :data:`DENSE_MAX_POSITIONS` positions, :func:`_dense_moments`), ``"gather"`` for
-            1x1 and strided convs with ``groups = 1``, ``"lag"`` for other convs with at least 8
+        method: ``"auto"`` (default): ``"dense"`` for a k x k conv with at least 8 channels
+            per group on a tiny input map (at most :data:`DENSE_MAX_POSITIONS` positions,
+            :func:`_dense_moments`), ``"gather"`` for 1x1 convs (stride 1, or inputs of at least
+            14x14) and strided convs with ``groups = 1``, ``"lag"`` for other convs with at least 8
             channels per group, else ``"unfold"``. ``"lag"`` (shifted-window products, see the module
             docstring) estimates, per layer geometry and batch, the multiply-adds of its two
             ways to get each lag's total (below) and takes the cheaper: ``"lag-fast"``, all lags
