@@ -98,7 +98,8 @@ def _fast_or_none(x, geo, y=None):
 @pytest.mark.parametrize("k,s,p,d,g,mode", FAST_GRID)
 def test_fast_method_equals_unfold_float64(k, s, p, d, g, mode, chunked, monkeypatch):
     """lag-fast, the automatic choice and the direct lag methods all equal X^T X (1e-12), also
-    when the whole-grid products and the fast correlations run one image per chunk."""
+    when the whole-grid products run one image per chunk and the fast correlations one tile
+    row of one image per chunk."""
     if chunked:
         monkeypatch.setattr(moments, "WHOLE_CHUNK_VALUES", 1)
         monkeypatch.setattr(moments, "_CHUNK_VALUES", 1)
@@ -117,6 +118,25 @@ def test_fast_method_equals_unfold_float64(k, s, p, d, g, mode, chunked, monkeyp
         assert count == patches.shape[1]
         torch.testing.assert_close(xxT, ref, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(x_sum, patches.sum(1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_values", [1, 25000, 40000, 60000, 1 << 21])
+def test_fast_correlation_row_bands_equal_unfold_float64(chunk_values, monkeypatch):
+    """Chunks of a few tile rows of one image (the last band shorter), of one image, and of
+    several images all give X^T X (1e-12): a large image never needs all its transformed tiles
+    in memory at once."""
+    monkeypatch.setattr(moments, "_CHUNK_VALUES", chunk_values)
+    monkeypatch.setattr(moments, "_PRODS_FACTOR", 0)
+    calls = []
+    real = moments.fast_correlation
+    monkeypatch.setattr(moments, "fast_correlation", lambda *a, **k: calls.append(1) or real(*a, **k))
+    geo = conv_geometry(nn.Conv2d(8, 8, 3, padding=1))
+    x = torch.randn(3, 8, 27, 13, dtype=torch.float64)
+    patches = unfold_patches(x, geo)
+    xxT, x_sum, count = conv_input_moments(x, geo, method="lag-fast")
+    assert calls and count == patches.shape[1]
+    torch.testing.assert_close(xxT, patches.transpose(1, 2) @ patches, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x_sum, patches.sum(1), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("k,s,p,d,g,mode", FAST_GRID[::9])

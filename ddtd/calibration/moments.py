@@ -603,7 +603,7 @@ def fast_correlation(
     dt = a.dtype
     k = pi * pj
     gi, gj, bi, bj = gi.to(dt), gj.to(dt), bi.to(dt), bj.to(dt)
-    hv, wv = ti * mi + ri - 1, tj * mj + rj - 1  # rows li0 .. Ti*mi + li1 - 1 of b
+    wv = tj * mj + rj - 1  # columns lj0 .. Tj*mj + lj1 - 1 of b
 
     same = a is b and li0 <= 0 <= li1 and lj0 <= 0 <= lj1  # u's tiles lie inside v's buffer
 
@@ -613,19 +613,21 @@ def fast_correlation(
         """A copy of a strided view into a reused buffer."""
         return work.get(name, view.shape).copy_(view)
 
-    def transformed(a, b):
-        """``(G u, B v)`` of a few images, each ``(K, n Ti Tj, C)`` (channels-last)."""
+    def transformed(a, b, t0, tb):
+        """``(G u, B v)`` of the tile rows ``t0 .. t0 + tb - 1`` of a few images, each
+        ``(K, n tb Tj, C)`` (channels-last)."""
         n = a.shape[0]
+        hv = tb * mi + ri - 1
         # v: b on the rows / columns the lags reach, channels-last (zero outside b).
-        pb = _channels_last_window(b, li0, hv, lj0, wv, out=work.get("pb", (n, hv, wv, c)))
+        pb = _channels_last_window(b, li0 + t0 * mi, hv, lj0, wv, out=work.get("pb", (n, hv, wv, c)))
         if same:
             pa, s_i, s_j = pb, -li0, -lj0
         else:
-            pa = _channels_last_window(a, 0, ti * mi, 0, tj * mj, out=work.get("pa", (n, ti * mi, tj * mj, c)))
+            pa = _channels_last_window(a, t0 * mi, tb * mi, 0, tj * mj, out=work.get("pa", (n, tb * mi, tj * mj, c)))
             s_i, s_j = 0, 0
-        # u: the tiles of a gathered as (mi, mj, n, Ti, Tj, C), transformed axis by axis.
+        # u: the tiles of a gathered as (mi, mj, n, tb, Tj, C), transformed axis by axis.
         s_n, s_h, s_w, s_c = pa.stride()
-        u = gathered("u", pa[:, s_i:, s_j:].as_strided((mi, mj, n, ti, tj, c),
+        u = gathered("u", pa[:, s_i:, s_j:].as_strided((mi, mj, n, tb, tj, c),
                                                       (s_h, s_w, s_n, mi * s_h, mj * s_w, s_c)))
         u = u.view(mi, mj, -1)
         length = u.shape[2]
@@ -640,26 +642,35 @@ def fast_correlation(
         win = gathered("win", pb.as_strided((pj, n, hv, tj, c), (s_w, s_n, s_h, mj * s_w, s_c))).view(pj, -1)
         y = _mix(bj, win, out=work.get("y", (pj, win.shape[1]))).view(pj, n, hv, tj, c)
         s = y.stride()
-        win = gathered("win2", y.as_strided((pi, pj, n, ti, tj, c), (s[2], s[0], s[1], mi * s[2], s[3], s[4])))
+        win = gathered("win2", y.as_strided((pi, pj, n, tb, tj, c), (s[2], s[0], s[1], mi * s[2], s[3], s[4])))
         win = win.view(pi, -1)
         vt = _mix(bi, win, out=work.get("vt", (pi, win.shape[1])))
-        return ut.view(k, n * ti * tj, c), vt.view(k, n * ti * tj, c)
+        return ut.view(k, n * tb * tj, c), vt.view(k, n * tb * tj, c)
 
-    # A few images at a time, so that the transformed tiles (about 3x the input each) stay in
-    # cache: on a shared memory bus these skinny products are bandwidth-bound. But each chunk
-    # also reads and writes the K accumulated products: chunks of at least _CHUNK_VALUES values
-    # and at least _PRODS_FACTOR times the products' size (a 512-channel 7x7 layer over 640
-    # images: 1.2 s with these values, 1.4-1.8 s with 2^22 and 4, one thread).
+    # Chunks of a few images, or of a few tile rows of one image, so that the transformed tiles
+    # (about 3x the input each) stay in cache: on a shared memory bus these skinny products are
+    # bandwidth-bound (a 64-channel 56x56 image is 12 MB of work buffers: two layers computed
+    # side by side on two cores then ran 1.8x slower each than one alone). But each chunk also
+    # reads and writes the K accumulated products: chunks of at least _CHUNK_VALUES values and
+    # at least _PRODS_FACTOR times the products' size (a 512-channel 7x7 layer over 640 images:
+    # 1.2 s with these values, 1.4-1.8 s with 2^22 and 4, one thread).
     cg = c // groups
-    per_image = c * (ti * tj * (3 * k + mi * mj + mi * pj) + hv * wv + pj * hv * tj)
-    step = max(1, _CHUNK_VALUES // per_image, -(-_PRODS_FACTOR * k * groups * cg * cg // per_image))  # per_image > 0
+    per_row = c * (tj * (3 * k + mi * mj + mi * pj) + mi * wv + pj * mi * tj)  # values per tile row
+    per_image = ti * per_row + c * (ri - 1) * (wv + pj * tj)
+    want = max(_CHUNK_VALUES, _PRODS_FACTOR * k * groups * cg * cg)
+    if per_image > want:
+        step, band = 1, max(1, want // per_row)
+    else:
+        step, band = max(1, want // per_image), ti
     prods = a.new_zeros(k, groups, cg, cg)
     for s0 in range(0, n, step):
         a_part = a[s0 : s0 + step]
-        ut, vt = transformed(a_part, a_part if same else b[s0 : s0 + step])
-        for grp in range(groups):
-            sl = slice(grp * cg, (grp + 1) * cg)
-            prods[:, grp].baddbmm_(ut[:, :, sl].transpose(1, 2), vt[:, :, sl])
+        b_part = a_part if same else b[s0 : s0 + step]
+        for t0 in range(0, ti, band):
+            ut, vt = transformed(a_part, b_part, t0, min(band, ti - t0))
+            for grp in range(groups):
+                sl = slice(grp * cg, (grp + 1) * cg)
+                prods[:, grp].baddbmm_(ut[:, :, sl].transpose(1, 2), vt[:, :, sl])
     out = _mix(torch.kron(ai_, aj_).T.contiguous().to(dt), prods.view(k, -1))
     return out.view(ri, rj, groups, cg, cg)
 
