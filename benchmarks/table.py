@@ -94,10 +94,20 @@ def _replaced_weights(model, report):
 
 
 @torch.no_grad()
+def _logits(model, x, batch=500) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(x[i : i + batch]) for i in range(0, len(x), batch)])
+
+
+@torch.no_grad()
 def quantized_accuracies(model, report, xt, yt) -> dict:
-    """Accuracy with the replaced layers' factor weights in float16 and in int8 per output channel."""
+    """Accuracy with the replaced layers' factor weights in float16 and in int8 per output channel,
+    and two measures of what the rounding did that do not cancel out: the fraction of test images
+    whose predicted class changed (``<kind>_flips``, against the float32 model's predictions) and
+    the relative change of the logits ``||z_q - z|| / ||z||`` (``<kind>_logit_error``)."""
     import copy
 
+    z = _logits(model, xt)
     out = {}
     for kind in ("float16", "int8"):
         q = copy.deepcopy(model)
@@ -108,7 +118,10 @@ def quantized_accuracies(model, report, xt, yt) -> dict:
                 flat = w.reshape(w.shape[0], -1)
                 scale = flat.abs().amax(1, keepdim=True).clamp_min(1e-30) / 127
                 w.copy_((torch.round(flat / scale).clamp(-127, 127) * scale).reshape(w.shape))
-        out[kind] = accuracy(q, xt, yt)
+        zq = _logits(q, xt)
+        out[kind] = float((zq.argmax(1) == yt).float().mean())
+        out[f"{kind}_flips"] = float((zq.argmax(1) != z.argmax(1)).float().mean())
+        out[f"{kind}_logit_error"] = float((zq - z).norm() / z.norm())
     return out
 
 
@@ -145,7 +158,7 @@ def run(args) -> None:
                 for ratio in args.ratios:
                     for seq in args.sequential:
                         key = (name, method, norm, ratio, _seq_label(seq, norm), args.strategy)
-                        if key in done:
+                        if key in done and not args.redo:
                             continue
                         base_method, cfg = method_config(method, norm, args.max_iter)
                         t = time.time()
@@ -183,8 +196,25 @@ def run(args) -> None:
                             row["sensitivity"] = {"before": sum(i["sensitivity_before"] for i in stab),
                                                   "after": sum(i["sensitivity_after"] for i in stab)}
                         print(json.dumps(row), flush=True)
-                        with open(out, "a") as f:
-                            f.write(json.dumps(row) + "\n")
+                        _store_row(out, row, key if key in done else None)
+
+
+def _row_key(r: dict) -> tuple:
+    return (r["model"], r["method"], r["norm"], r["ratio_target"], _seq_label(r.get("sequential"), r["norm"]),
+            r.get("strategy", "global"))
+
+
+def _store_row(out: Path, row: dict, replaces: tuple | None) -> None:
+    """Append ``row`` to the results file; with ``replaces`` (``--redo``), drop the older rows of
+    that key first (rewritten atomically)."""
+    if replaces is None:
+        with open(out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        return
+    kept = [line for line in out.read_text().splitlines() if _row_key(json.loads(line)) != replaces]
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("\n".join(kept + [json.dumps(row)]) + "\n")
+    os.replace(tmp, out)
 
 
 def render() -> None:
@@ -214,14 +244,17 @@ def render() -> None:
         qs = [r for r in rs if "quantized_accuracy" in r]
         if qs:
             lines += ["", "Factor precision (same compressed models; loss against each row's own float32 accuracy):", "",
-                      "| method | norm | target | float32 | float16 | int8 / out. channel | int8 loss | sensitivity (sum over layers) |",
-                      "|---|---|---|---|---|---|---|---|"]
+                      "| method | norm | target | float32 | float16 | int8 / out. channel | int8 loss | "
+                      "int8 prediction flips | int8 logit error | sensitivity (sum over layers) |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
             for r in sorted(qs, key=lambda r: (r["ratio_target"], r["method"], r["norm"])):
                 qa, ss = r["quantized_accuracy"], r.get("sensitivity")
+                flips = f"{100 * qa['int8_flips']:.2f}%" if "int8_flips" in qa else "-"
+                lerr = f"{qa['int8_logit_error']:.2e}" if "int8_logit_error" in qa else "-"
                 lines.append(
                     f"| {r['method']} | {r['norm']} | {r['ratio_target']:g}x | {100 * r['accuracy']:.2f}% | "
                     f"{100 * qa['float16']:.2f}% | {100 * qa['int8']:.2f}% | "
-                    f"{100 * (r['accuracy'] - qa['int8']):+.2f} | "
+                    f"{100 * (r['accuracy'] - qa['int8']):+.2f} | {flips} | {lerr} | "
                     + (f"{ss['before']:.3g} -> {ss['after']:.3g}" if ss else "-") + " |")
         failed = [r for r in rows if r["model"] == name and "error" in r]
         for r in failed:
@@ -275,6 +308,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quantize", action="store_true",
                     help="also measure accuracy with factors in float16 and int8 per output channel")
     ap.add_argument("--render", action="store_true", help="only render the table and plot")
+    ap.add_argument("--redo", action="store_true", help="recompute rows already in the results file (replacing them)")
     args = ap.parse_args(argv)
     args.sequential = [None if s == "auto" else s == "on" for s in args.sequential]
     if args.threads:
