@@ -647,13 +647,14 @@ def fast_correlation(
         vt = _mix(bi, win, out=work.get("vt", (pi, win.shape[1])))
         return ut.view(k, n * tb * tj, c), vt.view(k, n * tb * tj, c)
 
-    # Chunks of a few images, or of a few tile rows of one image, so that the transformed tiles
-    # (about 3x the input each) stay in cache: on a shared memory bus these skinny products are
-    # bandwidth-bound (a 64-channel 56x56 image is 12 MB of work buffers: two layers computed
-    # side by side on two cores then ran 1.8x slower each than one alone). But each chunk also
-    # reads and writes the K accumulated products: chunks of at least _CHUNK_VALUES values and
-    # at least _PRODS_FACTOR times the products' size (a 512-channel 7x7 layer over 640 images:
-    # 1.2 s with these values, 1.4-1.8 s with 2^22 and 4, one thread).
+    # Chunks of a few images, so that the transformed tiles (about 3x the input each) stay in
+    # cache: on a shared memory bus these skinny products are bandwidth-bound. An image larger
+    # than a chunk is cut into bands of tile rows (one 64-channel 56x56 image already needs
+    # 12 MB of work buffers), so the working set is bounded for any input size. Each chunk also
+    # reads and writes the K accumulated products, and every chunk costs some 20 op calls:
+    # chunks of at least _CHUNK_VALUES values and at least _PRODS_FACTOR times the products'
+    # size (a 512-channel 7x7 layer over 640 images: 1.2 s with these values, 1.4-1.8 s with
+    # 2^22 and 4; a 64-channel 56x56 layer took 2.1x as long with 2^19 values; one thread).
     cg = c // groups
     per_row = c * (tj * (3 * k + mi * mj + mi * pj) + mi * wv + pj * mi * tj)  # values per tile row
     per_image = ti * per_row + c * (ri - 1) * (wv + pj * tj)
