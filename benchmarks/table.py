@@ -48,10 +48,13 @@ def test_set():
 
 
 @torch.no_grad()
-def accuracy(model, x, y, batch=500) -> float:
+def _logits(model, x, batch=500) -> torch.Tensor:
     model.eval()
-    correct = sum(int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(x), batch))
-    return correct / len(x)
+    return torch.cat([model(x[i : i + batch]) for i in range(0, len(x), batch)])
+
+
+def accuracy(model, x, y, batch=500) -> float:
+    return int((_logits(model, x, batch).argmax(1) == y).sum()) / len(x)
 
 
 def _seq_label(value, norm: str = "sigma") -> str:
@@ -94,12 +97,6 @@ def _replaced_weights(model, report):
 
 
 @torch.no_grad()
-def _logits(model, x, batch=500) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model(x[i : i + batch]) for i in range(0, len(x), batch)])
-
-
-@torch.no_grad()
 def quantized_accuracies(model, report, xt, yt) -> dict:
     """Accuracy with the replaced layers' factor weights in float16 and in int8 per output channel,
     and two measures of what the rounding did that do not cancel out: the fraction of test images
@@ -119,8 +116,8 @@ def quantized_accuracies(model, report, xt, yt) -> dict:
                 scale = flat.abs().amax(1, keepdim=True).clamp_min(1e-30) / 127
                 w.copy_((torch.round(flat / scale).clamp(-127, 127) * scale).reshape(w.shape))
         zq = _logits(q, xt)
-        out[kind] = float((zq.argmax(1) == yt).float().mean())
-        out[f"{kind}_flips"] = float((zq.argmax(1) != z.argmax(1)).float().mean())
+        out[kind] = int((zq.argmax(1) == yt).sum()) / len(xt)
+        out[f"{kind}_flips"] = int((zq.argmax(1) != z.argmax(1)).sum()) / len(xt)
         out[f"{kind}_logit_error"] = float((zq - z).norm() / z.norm())
     return out
 
@@ -137,9 +134,7 @@ def run(args) -> None:
     done = set()
     if out.exists():
         for line in out.read_text().splitlines():
-            r = json.loads(line)
-            done.add((r["model"], r["method"], r["norm"], r["ratio_target"], _seq_label(r.get("sequential")),
-                      r.get("strategy", "global")))
+            done.add(_row_key(json.loads(line)))
     calib = ROOT / "calib" / "fmnist-512"
     if not calib.exists():
         sys.path.insert(0, str(ROOT / "calib"))

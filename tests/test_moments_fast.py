@@ -120,21 +120,31 @@ def test_fast_method_equals_unfold_float64(k, s, p, d, g, mode, chunked, monkeyp
         torch.testing.assert_close(x_sum, patches.sum(1), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("chunk_values", [1, 25000, 40000, 60000, 1 << 21])
-def test_fast_correlation_row_bands_equal_unfold_float64(chunk_values, monkeypatch):
+# (chunk budget, windows read per call as (images, tile rows)): a 27 x 13 map has 5 tile rows of
+# 6 (fast_tiles), so budgets give bands of 1, 2 (+ a band of 1) and 3 (+ a band of 2) rows,
+# one image, and all three images at once.
+ROW_BAND_CASES = [(1, [(1, 1)] * 15), (25000, [(1, 2), (1, 2), (1, 1)] * 3), (40000, [(1, 3), (1, 2)] * 3),
+                  (60000, [(1, 5)] * 3), (1 << 21, [(3, 5)])]
+
+
+@pytest.mark.parametrize("chunk_values,chunks", ROW_BAND_CASES)
+def test_fast_correlation_row_bands_equal_unfold_float64(chunk_values, chunks, monkeypatch):
     """Chunks of a few tile rows of one image (the last band shorter), of one image, and of
     several images all give X^T X (1e-12): a large image never needs all its transformed tiles
-    in memory at once."""
+    in memory at once. The windows read per chunk show which chunking ran."""
     monkeypatch.setattr(moments, "_CHUNK_VALUES", chunk_values)
     monkeypatch.setattr(moments, "_PRODS_FACTOR", 0)
-    calls = []
-    real = moments.fast_correlation
-    monkeypatch.setattr(moments, "fast_correlation", lambda *a, **k: calls.append(1) or real(*a, **k))
+    windows = []
+    real = moments._channels_last_window
+    monkeypatch.setattr(moments, "_channels_last_window",
+                        lambda t, row0, rows, *a, **k: windows.append((t.shape[0], rows)) or real(t, row0, rows, *a, **k))
     geo = conv_geometry(nn.Conv2d(8, 8, 3, padding=1))
     x = torch.randn(3, 8, 27, 13, dtype=torch.float64)
     patches = unfold_patches(x, geo)
     xxT, x_sum, count = conv_input_moments(x, geo, method="lag-fast")
-    assert calls and count == patches.shape[1]
+    # An autocorrelation reads one window per chunk: its tile rows times 6, plus the 2 lag rows.
+    assert windows == [(n, 6 * t + 2) for n, t in chunks]
+    assert count == patches.shape[1]
     torch.testing.assert_close(xxT, patches.transpose(1, 2) @ patches, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(x_sum, patches.sum(1), rtol=1e-12, atol=1e-12)
 
