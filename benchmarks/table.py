@@ -97,27 +97,33 @@ def _replaced_weights(model, report):
 
 
 @torch.no_grad()
-def quantized_accuracies(model, report, xt, yt) -> dict:
-    """Accuracy with the replaced layers' factor weights in float16 and in int8 per output channel,
-    and two measures of what the rounding did that do not cancel out: the fraction of test images
-    whose predicted class changed (``<kind>_flips``, against the float32 model's predictions) and
-    the relative change of the logits ``||z_q - z|| / ||z||`` (``<kind>_logit_error``)."""
+def quantized_accuracies(model, report, xt, yt, bits=(8,)) -> dict:
+    """Accuracy with the replaced layers' factor weights in float16 and in ``int<b>`` per output
+    channel for each ``b`` in ``bits`` (symmetric, one scale per output channel: ``2^(b-1) - 1``
+    levels each side), and two measures of what the rounding did that do not cancel out: the
+    fraction of test images whose predicted class changed (``<kind>_flips``, against the float32
+    model's predictions; of them ``<kind>_broke`` went right -> wrong, ``<kind>_fixed`` wrong ->
+    right) and the relative change of the logits ``||z_q - z|| / ||z||`` (``<kind>_logit_error``)."""
     import copy
 
     z = _logits(model, xt)
     out = {}
-    for kind in ("float16", "int8"):
+    for kind in ["float16"] + [f"int{b}" for b in bits]:
         q = copy.deepcopy(model)
         for w in _replaced_weights(q, report):
             if kind == "float16":
                 w.copy_(w.half().float())
             else:
+                levels = 2 ** (int(kind[3:]) - 1) - 1
                 flat = w.reshape(w.shape[0], -1)
-                scale = flat.abs().amax(1, keepdim=True).clamp_min(1e-30) / 127
-                w.copy_((torch.round(flat / scale).clamp(-127, 127) * scale).reshape(w.shape))
+                scale = flat.abs().amax(1, keepdim=True).clamp_min(1e-30) / levels
+                w.copy_((torch.round(flat / scale).clamp(-levels, levels) * scale).reshape(w.shape))
         zq = _logits(q, xt)
         out[kind] = int((zq.argmax(1) == yt).sum()) / len(xt)
         out[f"{kind}_flips"] = int((zq.argmax(1) != z.argmax(1)).sum()) / len(xt)
+        right, right_q = z.argmax(1) == yt, zq.argmax(1) == yt
+        out[f"{kind}_broke"] = int((right & ~right_q).sum()) / len(xt)  # right -> wrong
+        out[f"{kind}_fixed"] = int((~right & right_q).sum()) / len(xt)  # wrong -> right
         out[f"{kind}_logit_error"] = float((zq - z).norm() / z.norm())
     return out
 
