@@ -19,6 +19,7 @@ already there unless ``--redo``); the summary to ``benchmarks/results/stable_cp_
 Summary per (model, ratio), means over the seeds both methods have:
   gap f32          CP-ALS - stable, float32 accuracy (points); target <= 0.5
   int8 loss        float32 - int8 accuracy of each model (points); target: stable <= CP-ALS / 2
+                   (a CP-ALS gain counts as zero loss: stable must then lose nothing)
   +- (sd)          standard deviation over seeds
   flips r->w/w->r  right -> wrong and wrong -> right predictions under int8 (per cent)
 The int8 loss of one model is (right->wrong - wrong->right) / N; when nothing but rounding noise
