@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -43,7 +42,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "examples"))
 
-from table import RESULTS, ROOT, _logits, method_config, quantized_accuracies, test_set  # noqa: E402
+from table import (RESULTS, _store_row, accuracy, calibration_subset, method_config,  # noqa: E402
+                   quantized_accuracies, sensitivity_totals, test_set)
 
 OUT = RESULTS / "stable_cp_models.jsonl"
 METHODS = ("cp3", "cp3-stable")
@@ -57,19 +57,6 @@ def _rows() -> list[dict]:
     return [json.loads(line) for line in OUT.read_text().splitlines()] if OUT.exists() else []
 
 
-def _store(row: dict, replace: bool) -> None:
-    """Append ``row`` (one short write: runs for different models may share the file); with
-    ``replace`` (``--redo``), rewrite the file atomically without the older rows of its key."""
-    if not replace:
-        with open(OUT, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        return
-    keep = [r for r in _rows() if _key(r) != _key(row)] + [row]
-    tmp = OUT.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-    tmp.replace(OUT)
-
-
 def run(args) -> None:
     from dataclasses import replace
 
@@ -78,17 +65,12 @@ def run(args) -> None:
     from train_reference import TRANSFORM, ensure
 
     RESULTS.mkdir(exist_ok=True)
-    calib = ROOT / "calib" / "fmnist-512"
-    if not calib.exists():
-        sys.path.insert(0, str(ROOT / "calib"))
-        from make_subset import build
-
-        build("fashion-mnist", calib, 512, 0, "train")
+    calib = calibration_subset()
     done = {_key(r) for r in _rows()}
     xt, yt = test_set()
     for name in args.models:
         model = load_model(ensure(name)["model"])
-        base = int((_logits(model, xt).argmax(1) == yt).sum()) / len(xt)
+        base = accuracy(model, xt, yt)
         for ratio in args.ratios:
             for seed in args.seeds:
                 for method in METHODS:
@@ -101,23 +83,29 @@ def run(args) -> None:
                     res = compress(model, str(calib), ratio=ratio, method=base_method, norm="sigma", config=cfg,
                                    transform=TRANSFORM, batch_size=128, show_progress=False)
                     seconds = time.time() - t
-                    z = _logits(res.model, xt)
                     row = {"model": name, "method": method, "ratio_target": ratio, "seed": seed,
                            "max_iter": args.max_iter, "threads": torch.get_num_threads(), "base_accuracy": base,
-                           "accuracy": int((z.argmax(1) == yt).sum()) / len(xt), "ratio": res.report.ratio,
+                           "accuracy": accuracy(res.model, xt, yt), "ratio": res.report.ratio,
                            "sequential_layers": sum(1 for l in res.report.layers if l.note == "sequential"),
-                           "seconds": seconds, "n_test": len(xt), "quantized_accuracy": quantized_accuracies(res.model, res.report, xt, yt, bits=(8, 6, 4))}
-                    stab = [l.info for l in res.report.layers if "sensitivity_after" in l.info]
-                    row["sensitivity"] = {"before": sum(i["sensitivity_before"] for i in stab),
-                                          "after": sum(i["sensitivity_after"] for i in stab)}
+                           "seconds": seconds, "n_test": len(xt),
+                           "quantized_accuracy": quantized_accuracies(res.model, res.report, xt, yt, bits=(8, 6, 4)),
+                           "sensitivity": sensitivity_totals(res.report)}
                     print(json.dumps(row), flush=True)
-                    _store(row, key in done)
+                    _store_row(OUT, row, key if key in done else None, key=_key)
 
 
 def _mean_sd(xs: list[float]) -> tuple[float, float]:
     m = sum(xs) / len(xs)
     sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else float("nan")
     return m, sd
+
+
+def _paired(rows: list[dict], model, ratio, it) -> tuple[list[dict], list[dict]]:
+    """The CP-ALS and stable rows of one (model, ratio, max_iter), for the seeds both have, in seed order."""
+    by = [{r["seed"]: r for r in rows if (r["model"], r["ratio_target"], r["max_iter"], r["method"])
+           == (model, ratio, it, m)} for m in METHODS]
+    seeds = sorted(set(by[0]) & set(by[1]))
+    return [by[0][s] for s in seeds], [by[1][s] for s in seeds]
 
 
 def summarize(rows: list[dict]) -> list[str]:
@@ -128,13 +116,9 @@ def summarize(rows: list[dict]) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     groups = sorted({(r["model"], r["ratio_target"], r["max_iter"]) for r in rows})
     for model, ratio, it in groups:
-        by = {m: {r["seed"]: r for r in rows if (r["model"], r["ratio_target"], r["max_iter"], r["method"])
-                  == (model, ratio, it, m)} for m in METHODS}
-        seeds = sorted(set(by["cp3"]) & set(by["cp3-stable"]))
-        if not seeds:
+        cp, st = _paired(rows, model, ratio, it)
+        if not cp:
             continue
-        cp = [by["cp3"][s] for s in seeds]
-        st = [by["cp3-stable"][s] for s in seeds]
 
         def acc(rs):
             return [100 * r["accuracy"] for r in rs]
@@ -157,7 +141,7 @@ def summarize(rows: list[dict]) -> list[str]:
         f32_ok = "met" if g <= 0.5 else "not met"
         int8_ok = "met" if l_st <= max(l_cp, 0.0) / 2 else "not met"
         lines.append(
-            f"| {model} | {ratio:g}x | {len(seeds)} ({it} it) | {a_cp:.2f} ({s_cp:.2f}) | {a_st:.2f} ({s_st:.2f}) | "
+            f"| {model} | {ratio:g}x | {len(cp)} ({it} it) | {a_cp:.2f} ({s_cp:.2f}) | {a_st:.2f} ({s_st:.2f}) | "
             f"{g:+.2f} ({gs:.2f}) | {l_cp:+.3f} / {l_st:+.3f} | {noise(cp):.3f} / {noise(st):.3f} | "
             f"{flips(cp, 'broke'):.2f} / {flips(cp, 'fixed'):.2f} | {flips(st, 'broke'):.2f} / {flips(st, 'fixed'):.2f} | "
             f"{ss_cp:.3g} -> {ss_st:.3g} | {f32_ok} | {int8_ok} |")
@@ -169,24 +153,20 @@ def summarize(rows: list[dict]) -> list[str]:
                   "| model | ratio | seeds | " + " | ".join(f"{k} loss | {k} flips | {k} logit error" for k in extra)
                   + " |", "|---|---|---|" + "---|---|---|" * len(extra)]
         for model, ratio, it in groups:
-            pair = []
-            for m in METHODS:
-                pair.append({r["seed"]: r for r in rows if (r["model"], r["ratio_target"], r["max_iter"], r["method"])
-                             == (model, ratio, it, m)})
-            seeds = sorted(set(pair[0]) & set(pair[1]))
-            if not seeds:
+            pair = _paired(rows, model, ratio, it)
+            if not pair[0]:
                 continue
             cells = []
             for k in extra:
-                def mean(f, m):
-                    vals = [f(pair[m][s]) for s in seeds if k in pair[m][s]["quantized_accuracy"]]
+                def mean(f, rs):
+                    vals = [f(r) for r in rs if k in r["quantized_accuracy"]]
                     return sum(vals) / len(vals) if vals else float("nan")
 
-                loss = [mean(lambda r: 100 * (r["accuracy"] - r["quantized_accuracy"][k]), m) for m in (0, 1)]
-                fl = [mean(lambda r: 100 * r["quantized_accuracy"][f"{k}_flips"], m) for m in (0, 1)]
-                le = [mean(lambda r: r["quantized_accuracy"][f"{k}_logit_error"], m) for m in (0, 1)]
+                loss = [mean(lambda r: 100 * (r["accuracy"] - r["quantized_accuracy"][k]), rs) for rs in pair]
+                fl = [mean(lambda r: 100 * r["quantized_accuracy"][f"{k}_flips"], rs) for rs in pair]
+                le = [mean(lambda r: r["quantized_accuracy"][f"{k}_logit_error"], rs) for rs in pair]
                 cells.append(f"{loss[0]:+.2f} / {loss[1]:+.2f} | {fl[0]:.2f} / {fl[1]:.2f} | {le[0]:.2g} / {le[1]:.2g}")
-            lines.append(f"| {model} | {ratio:g}x | {len(seeds)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {model} | {ratio:g}x | {len(pair[0])} | " + " | ".join(cells) + " |")
     return lines
 
 

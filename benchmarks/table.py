@@ -128,6 +128,25 @@ def quantized_accuracies(model, report, xt, yt, bits=(8,)) -> dict:
     return out
 
 
+def calibration_subset() -> Path:
+    """The 512-image Fashion-MNIST training subset every benchmark calibrates on (built once)."""
+    calib = ROOT / "calib" / "fmnist-512"
+    if not calib.exists():
+        sys.path.insert(0, str(ROOT / "calib"))
+        from make_subset import build
+
+        build("fashion-mnist", calib, 512, 0, "train")
+    return calib
+
+
+def sensitivity_totals(report) -> dict | None:
+    """Summed CP sensitivity ``{"before", "after"}`` over the report's CP layers (``None``: none)."""
+    stab = [r.info for r in report.layers if "sensitivity_after" in r.info]
+    if not stab:
+        return None
+    return {"before": sum(i["sensitivity_before"] for i in stab), "after": sum(i["sensitivity_after"] for i in stab)}
+
+
 def run(args) -> None:
     from ddtd.pipeline import compress, prepare
     from ddtd.evaluate import paired_latency
@@ -141,12 +160,7 @@ def run(args) -> None:
     if out.exists():
         for line in out.read_text().splitlines():
             done.add(_row_key(json.loads(line)))
-    calib = ROOT / "calib" / "fmnist-512"
-    if not calib.exists():
-        sys.path.insert(0, str(ROOT / "calib"))
-        from make_subset import build
-
-        build("fashion-mnist", calib, 512, 0, "train")
+    calib = calibration_subset()
     xt, yt = test_set()
     for name in args.models:
         info = ensure(name)
@@ -192,10 +206,8 @@ def run(args) -> None:
                         }
                         if args.quantize:
                             row["quantized_accuracy"] = quantized_accuracies(res.model, res.report, xt, yt)
-                        stab = [r.info for r in res.report.layers if "sensitivity_after" in r.info]
-                        if stab:
-                            row["sensitivity"] = {"before": sum(i["sensitivity_before"] for i in stab),
-                                                  "after": sum(i["sensitivity_after"] for i in stab)}
+                        if (ss := sensitivity_totals(res.report)) is not None:
+                            row["sensitivity"] = ss
                         print(json.dumps(row), flush=True)
                         _store_row(out, row, key if key in done else None)
 
@@ -205,15 +217,17 @@ def _row_key(r: dict) -> tuple:
             r.get("strategy", "global"))
 
 
-def _store_row(out: Path, row: dict, replaces: tuple | None) -> None:
-    """Append ``row`` to the results file; with ``replaces`` (``--redo``), drop the older rows of
-    that key first (rewritten atomically)."""
+def _store_row(out: Path, row: dict, replaces: tuple | None, key=None) -> None:
+    """Append ``row`` to the results file (one short write, so runs for different models may share
+    it); with ``replaces`` (``--redo``), drop the older rows whose ``key(row)`` (default
+    :func:`_row_key`) equals it first (rewritten atomically)."""
     if replaces is None:
         with open(out, "a") as f:
             f.write(json.dumps(row) + "\n")
         return
-    kept = [line for line in out.read_text().splitlines() if _row_key(json.loads(line)) != replaces]
-    tmp = out.with_suffix(".tmp")
+    key = key or _row_key
+    kept = [line for line in out.read_text().splitlines() if key(json.loads(line)) != replaces]
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text("\n".join(kept + [json.dumps(row)]) + "\n")
     os.replace(tmp, out)
 
