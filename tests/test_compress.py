@@ -1,5 +1,7 @@
 """End-to-end compression: ratios met, files reload safely, bad inputs refused, Sigma beats Frobenius."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -7,6 +9,7 @@ from torch import nn
 from conftest import write_images
 from ddtd.calibration import calibrate, save_calibration
 from ddtd.cli import main
+from ddtd import pipeline
 from ddtd.pipeline import compress, solve
 from ddtd.errors import DdtdError, InputError, StoreMismatchError
 from ddtd.methods import MethodConfig
@@ -294,7 +297,7 @@ def test_cli_accepts_the_new_methods(tmp_path):
     assert rows and all(r["info"]["nnz"] > 0 for r in rows)
 
 
-def test_sequential_auto_keeps_the_way_with_lower_held_out_error(data):
+def test_sequential_auto_keeps_the_way_with_lower_held_out_error(data, monkeypatch):
     """Default with images: per layer, sequential or not by the held-out output error of an svd
     probe; the first compressed layer (nothing upstream changed) is never sequential."""
     net = _tiny_cnn()
@@ -306,7 +309,14 @@ def test_sequential_auto_keeps_the_way_with_lower_held_out_error(data):
     assert decided
     for r in decided:
         e = r.info["heldout_error"]
-        assert (r.note == "sequential") == (e["sequential"] < e["original_inputs"])
+        # z is the mean per-image difference over its standard error: its sign is the totals'
+        assert (e["z"] > 0) == (e["sequential"] < e["original_inputs"])
+        assert (r.note == "sequential") == (e["z"] > pipeline.SEQUENTIAL_Z)
+    # the threshold decides: none sequential above every z, all decided ones below
+    for z, expect in ((math.inf, set()), (-math.inf, {r.name for r in decided})):
+        monkeypatch.setattr(pipeline, "SEQUENTIAL_Z", z)
+        again = compress(net, data, rank=3, method="svd", show_progress=False)
+        assert {r.name for r in again.report.layers if r.note == "sequential"} == expect
     # the Frobenius baseline stays data-free unless asked
     fro = compress(net, data, rank=3, method="svd", norm="frobenius", show_progress=False)
     assert fro.report.settings["sequential"] == "off"
