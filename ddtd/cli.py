@@ -334,8 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     seq = p.add_mutually_exclusive_group()
     seq.add_argument("--sequential", dest="sequential", action="store_true", default=None,
                      help="fit each layer on the outputs of the already-compressed layers (default with "
-                          "--images and the Sigma norm: per layer, whichever way has the lower output error "
-                          "on a held-out quarter of the images)")
+                          "--images and the Sigma norm: per layer, sequential when it lowers the output error "
+                          "on a held-out quarter of the images by more than 3 standard errors)")
     seq.add_argument("--no-sequential", dest="sequential", action="store_false")
     p.add_argument("--max-iter", type=int, default=50, help="ALS iterations (tucker2, cp)")
     p.add_argument("--tol", type=float, default=1e-5)
