@@ -533,6 +533,18 @@ def _probe_ranks(p: LayerPlan, shape: LayerShape):
 SEQUENTIAL_Z = 3.0
 
 
+def _paired_z(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Paired t statistic of ``a - b`` (shape ``(n,)`` each): ``mean(d) / (sd(d) / sqrt(n))``
+    with the unbiased ``sd``; > 0 when ``b`` is lower. 0 when it is undefined (n < 2, or no
+    difference at all)."""
+    d = (a - b).double()
+    if d.numel() < 2:
+        return 0.0
+    se = float(d.std()) / math.sqrt(d.numel())
+    m = float(d.mean())
+    return 0.0 if m == 0.0 else (math.copysign(math.inf, m) if se == 0.0 else m / se)
+
+
 @torch.no_grad()
 def _choose_sequential(p, layer, reference, work, fit_b, held_b, shapes, cfg, dev):
     """Per layer: fit an svd probe (the planned size) both ways on the fitting images - on the
@@ -562,9 +574,8 @@ def _choose_sequential(p, layer, reference, work, fit_b, held_b, shapes, cfg, de
     for out in (plain, seq):
         cand = build_layer("svd", layer, out["factors"], out["bias"], name=p.name)
         per_image.append(torch.cat([(layer(x) - cand(xt)).pow(2).flatten(1).sum(1).double()
-                                    for x, xt in zip(xs_h, xts_h)]))
-    d = per_image[0] - per_image[1]  # > 0 where the sequential fit is better
-    z = float(d.mean() / (d.std() / math.sqrt(d.numel())).clamp_min(1e-300)) if d.numel() > 1 else 0.0
+                                    for x, xt in zip(xs_h, xts_h)]))  # (n,) errors per image
+    z = _paired_z(per_image[0], per_image[1])
     use = z > SEQUENTIAL_Z
     return use, {"heldout_error": {"original_inputs": float(per_image[0].sum()),
                                    "sequential": float(per_image[1].sum()), "z": z}}

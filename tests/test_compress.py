@@ -297,9 +297,10 @@ def test_cli_accepts_the_new_methods(tmp_path):
     assert rows and all(r["info"]["nnz"] > 0 for r in rows)
 
 
-def test_sequential_auto_keeps_the_way_with_lower_held_out_error(data, monkeypatch):
-    """Default with images: per layer, sequential or not by the held-out output error of an svd
-    probe; the first compressed layer (nothing upstream changed) is never sequential."""
+def test_sequential_auto_needs_a_significantly_lower_held_out_error(data, monkeypatch):
+    """Default with images: per layer, sequential only when an svd probe fitted that way has a
+    held-out output error lower by more than SEQUENTIAL_Z standard errors; the first compressed
+    layer (nothing upstream changed) is never sequential."""
     net = _tiny_cnn()
     res = compress(net, data, rank=3, method="svd", show_progress=False)
     assert res.report.settings["sequential"] == "auto"
@@ -320,6 +321,20 @@ def test_sequential_auto_keeps_the_way_with_lower_held_out_error(data, monkeypat
     # the Frobenius baseline stays data-free unless asked
     fro = compress(net, data, rank=3, method="svd", norm="frobenius", show_progress=False)
     assert fro.report.settings["sequential"] == "off"
+
+
+def test_paired_z_is_the_paired_t_statistic():
+    """The sequential choice's statistic equals scipy's paired t test on the per-image errors."""
+    from scipy.stats import ttest_rel
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(50, generator=g, dtype=torch.float64) * 10
+    b = a - 0.3 + torch.randn(50, generator=g, dtype=torch.float64)
+    assert pipeline._paired_z(a, b) == pytest.approx(ttest_rel(a.numpy(), b.numpy()).statistic, rel=1e-10)
+    assert pipeline._paired_z(b, a) == pytest.approx(-pipeline._paired_z(a, b), rel=1e-12)
+    assert pipeline._paired_z(a, a) == 0.0 and pipeline._paired_z(a[:1], b[:1]) == 0.0
+    n = torch.arange(50, dtype=torch.float64)
+    assert pipeline._paired_z(n + 1, n) == math.inf  # an exactly constant gain: certain
 
 
 def test_lowrank_sparse_layers_count_their_dense_multiply_adds(data):
