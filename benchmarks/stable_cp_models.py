@@ -17,7 +17,8 @@ sensitivity. Rows go to ``benchmarks/results/stable_cp_models.jsonl`` (a re-run 
 already there unless ``--redo``); the summary to ``benchmarks/results/stable_cp_models.md``.
 
 Summary per (model, ratio), means over the seeds both methods have:
-  gap f32          CP-ALS - stable, float32 accuracy (points); target <= 0.5
+  gap f32          CP-ALS - stable, float32 accuracy (points); target <= 0.5; with its standard
+                   deviation over seeds and the standard error of the mean (sd / sqrt(seeds))
   int8 loss        float32 - int8 accuracy of each model (points); target: stable <= CP-ALS / 2
                    (a CP-ALS gain counts as zero loss: stable must then lose nothing)
   +- (sd)          standard deviation over seeds
@@ -110,7 +111,7 @@ def _paired(rows: list[dict], model, ratio, it) -> tuple[list[dict], list[dict]]
 
 def summarize(rows: list[dict]) -> list[str]:
     """Markdown summary per (model, ratio, max_iter): means over the seeds both methods have."""
-    lines = ["| model | ratio | seeds | CP-ALS f32 (sd) | stable f32 (sd) | gap f32 (sd) | int8 loss CP-ALS / stable "
+    lines = ["| model | ratio | seeds | CP-ALS f32 (sd) | stable f32 (sd) | gap f32 (sd; se) | int8 loss CP-ALS / stable "
              "| noise (1 se) CP-ALS / stable | flips r->w / w->r CP-ALS | flips r->w / w->r stable "
              "| sensitivity CP-ALS -> stable | f32 target | int8 target |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -142,7 +143,7 @@ def summarize(rows: list[dict]) -> list[str]:
         int8_ok = "met" if l_st <= max(l_cp, 0.0) / 2 else "not met"
         lines.append(
             f"| {model} | {ratio:g}x | {len(cp)} ({it} it) | {a_cp:.2f} ({s_cp:.2f}) | {a_st:.2f} ({s_st:.2f}) | "
-            f"{g:+.2f} ({gs:.2f}) | {l_cp:+.3f} / {l_st:+.3f} | {noise(cp):.3f} / {noise(st):.3f} | "
+            f"{g:+.2f} ({gs:.2f}; {gs / math.sqrt(len(cp)):.2f}) | {l_cp:+.3f} / {l_st:+.3f} | {noise(cp):.3f} / {noise(st):.3f} | "
             f"{flips(cp, 'broke'):.2f} / {flips(cp, 'fixed'):.2f} | {flips(st, 'broke'):.2f} / {flips(st, 'fixed'):.2f} | "
             f"{ss_cp:.3g} -> {ss_st:.3g} | {f32_ok} | {int8_ok} |")
     extra = sorted({k for r in rows for k in r["quantized_accuracy"] if k.startswith("int") and "_" not in k
