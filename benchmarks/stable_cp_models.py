@@ -47,7 +47,7 @@ from table import (RESULTS, _store_row, accuracy, calibration_subset, method_con
                    quantized_accuracies, sensitivity_totals, test_set)
 
 OUT = RESULTS / "stable_cp_models.jsonl"
-METHODS = ("cp3", "cp3-stable")
+METHODS = ("cp3", "cp3-stable")  # the default pair; --methods adds variants (cp3-stable-refit)
 
 
 def _key(r: dict) -> tuple:
@@ -74,7 +74,7 @@ def run(args) -> None:
         base = accuracy(model, xt, yt)
         for ratio in args.ratios:
             for seed in args.seeds:
-                for method in METHODS:
+                for method in args.methods:
                     key = (name, method, ratio, seed, args.max_iter)
                     if key in done and not args.redo:
                         continue
@@ -101,23 +101,29 @@ def _mean_sd(xs: list[float]) -> tuple[float, float]:
     return m, sd
 
 
-def _paired(rows: list[dict], model, ratio, it) -> tuple[list[dict], list[dict]]:
-    """The CP-ALS and stable rows of one (model, ratio, max_iter), for the seeds both have, in seed order."""
+def _paired(rows: list[dict], model, ratio, it, stable: str = "cp3-stable") -> tuple[list[dict], list[dict]]:
+    """The CP-ALS and ``stable`` rows of one (model, ratio, max_iter), for the seeds both have, in seed order."""
     by = [{r["seed"]: r for r in rows if (r["model"], r["ratio_target"], r["max_iter"], r["method"])
-           == (model, ratio, it, m)} for m in METHODS]
+           == (model, ratio, it, m)} for m in ("cp3", stable)]
     seeds = sorted(set(by[0]) & set(by[1]))
     return [by[0][s] for s in seeds], [by[1][s] for s in seeds]
 
 
+def _variants(rows: list[dict]) -> list[str]:
+    """The stable methods in the rows: ``cp3-stable`` first, then the variants."""
+    found = {r["method"] for r in rows} - {"cp3"}
+    return sorted(found, key=lambda m: (m != "cp3-stable", m))
+
+
 def summarize(rows: list[dict]) -> list[str]:
     """Markdown summary per (model, ratio, max_iter): means over the seeds both methods have."""
-    lines = ["| model | ratio | seeds | CP-ALS f32 (sd) | stable f32 (sd) | gap f32 (sd; se) | int8 loss CP-ALS / stable "
+    lines = ["| model | ratio | stable method | seeds | CP-ALS f32 (sd) | stable f32 (sd) | gap f32 (sd; se) | int8 loss CP-ALS / stable "
              "| noise (1 se) CP-ALS / stable | flips r->w / w->r CP-ALS | flips r->w / w->r stable "
              "| sensitivity CP-ALS -> stable | f32 target | int8 target |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     groups = sorted({(r["model"], r["ratio_target"], r["max_iter"]) for r in rows})
-    for model, ratio, it in groups:
-        cp, st = _paired(rows, model, ratio, it)
+    for (model, ratio, it), variant in [(g, v) for g in groups for v in _variants(rows)]:
+        cp, st = _paired(rows, model, ratio, it, variant)
         if not cp:
             continue
 
@@ -142,7 +148,7 @@ def summarize(rows: list[dict]) -> list[str]:
         f32_ok = "met" if g <= 0.5 else "not met"
         int8_ok = "met" if l_st <= max(l_cp, 0.0) / 2 else "not met"
         lines.append(
-            f"| {model} | {ratio:g}x | {len(cp)} ({it} it) | {a_cp:.2f} ({s_cp:.2f}) | {a_st:.2f} ({s_st:.2f}) | "
+            f"| {model} | {ratio:g}x | {variant} | {len(cp)} ({it} it) | {a_cp:.2f} ({s_cp:.2f}) | {a_st:.2f} ({s_st:.2f}) | "
             f"{g:+.2f} ({gs:.2f}; {gs / math.sqrt(len(cp)):.2f}) | {l_cp:+.3f} / {l_st:+.3f} | {noise(cp):.3f} / {noise(st):.3f} | "
             f"{flips(cp, 'broke'):.2f} / {flips(cp, 'fixed'):.2f} | {flips(st, 'broke'):.2f} / {flips(st, 'fixed'):.2f} | "
             f"{ss_cp:.3g} -> {ss_st:.3g} | {f32_ok} | {int8_ok} |")
@@ -151,10 +157,10 @@ def summarize(rows: list[dict]) -> list[str]:
     if extra:
         lines += ["", "Coarser rounding (same models; one scale per output channel): accuracy loss against float32 "
                   "(points) and prediction flips (per cent), means over the seeds, CP-ALS / stable:", "",
-                  "| model | ratio | seeds | " + " | ".join(f"{k} loss | {k} flips | {k} logit error" for k in extra)
-                  + " |", "|---|---|---|" + "---|---|---|" * len(extra)]
-        for model, ratio, it in groups:
-            pair = _paired(rows, model, ratio, it)
+                  "| model | ratio | stable method | seeds | " + " | ".join(f"{k} loss | {k} flips | {k} logit error" for k in extra)
+                  + " |", "|---|---|---|---|" + "---|---|---|" * len(extra)]
+        for (model, ratio, it), variant in [(g, v) for g in groups for v in _variants(rows)]:
+            pair = _paired(rows, model, ratio, it, variant)
             if not pair[0]:
                 continue
             cells = []
@@ -167,7 +173,7 @@ def summarize(rows: list[dict]) -> list[str]:
                 fl = [mean(lambda r: 100 * r["quantized_accuracy"][f"{k}_flips"], rs) for rs in pair]
                 le = [mean(lambda r: r["quantized_accuracy"][f"{k}_logit_error"], rs) for rs in pair]
                 cells.append(f"{loss[0]:+.2f} / {loss[1]:+.2f} | {fl[0]:.2f} / {fl[1]:.2f} | {le[0]:.2g} / {le[1]:.2g}")
-            lines.append(f"| {model} | {ratio:g}x | {len(pair[0])} | " + " | ".join(cells) + " |")
+            lines.append(f"| {model} | {ratio:g}x | {variant} | {len(pair[0])} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -177,6 +183,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["resnet18", "vgg"])
     ap.add_argument("--ratios", nargs="+", type=float, default=[8, 16])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS),
+                    help="cp3 and stable CP variants (cp3-stable, cp3-stable-refit); the summary "
+                         "compares each stable variant with cp3 on the seeds both have")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--max-iter", type=int, default=MethodConfig().max_iter,
                     help="CP-ALS iterations (default: ddtd's default, what `ddtd compress` runs; "

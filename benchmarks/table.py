@@ -15,7 +15,8 @@ Method names are those of ``ddtd compress --method`` plus variants for the low-r
 comparison: ``lrs-residual`` / ``lrs-masked`` are the seed's initialisations alone (eq. 12 /
 13-14, no data-driven rounds), ``lrs-s50`` a fixed split (half the bytes to the sparse part);
 ``sparse`` with ``--norms frobenius`` is magnitude pruning; a ``-d0`` suffix (``cp3-d0``,
-``cp3-stable-d0``) fits without ddtd's Sigma damping, like the seed's CP-ALS. ``--quantize`` also measures the
+``cp3-stable-d0``) fits without ddtd's Sigma damping, like the seed's CP-ALS; ``cp3-stable-refit``
+is stable CP with ``finish="refit"`` (least-squares output factor). ``--quantize`` also measures the
 accuracy with the replaced layers' factor weights rounded to float16 and to 8 bits per output
 channel (symmetric, one scale per output channel of every factor conv / linear), the rest of
 the model in float32: the robustness test of stable CP.
@@ -71,7 +72,10 @@ def method_config(method: str, norm: str, max_iter: int):
     from ddtd.methods import MethodConfig
 
     opts, base, damping = {}, method, None
-    if method.endswith("-d0"):  # undamped Sigma (the seed's CP-ALS): e.g. cp3-d0, cp3-stable-d0
+    if method.endswith("-refit"):  # stable CP with the least-squares output factor: cp3-stable-refit
+        base = method[: -len("-refit")]
+        opts = {base: {"finish": "refit"}}
+    elif method.endswith("-d0"):  # undamped Sigma (the seed's CP-ALS): e.g. cp3-d0, cp3-stable-d0
         base, damping = method[:-3], 0.0
     elif method.startswith("lrs-"):
         base, variant = "lrs", method[4:]

@@ -158,6 +158,9 @@ def cmd_compress(args) -> int:
         options.setdefault("lrs", {})["init"] = args.lrs_init
     if args.no_stabilize:
         options["auto"] = {"stabilize": False}
+    if args.stable_finish is not None:
+        for m in ("cp3-stable", "cp4-stable"):
+            options[m] = {"finish": args.stable_finish}
     cfg = MethodConfig(norm=args.norm, max_iter=args.max_iter, tol=args.tol, seed=args.seed, options=options)
     result = compress(
         model, args.images, store=args.calib, ratio=args.ratio, budget=args.budget, rank=_rank_arg(args.rank),
@@ -321,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lrs: initialisation (residual / masked: the seed's, eq. 12 / 13-14)")
     p.add_argument("--no-stabilize", action="store_true",
                    help="auto: keep plain CP-ALS factors instead of the minimal-sensitivity ones")
+    p.add_argument("--stable-finish", choices=["channel", "refit", "none"], default=None,
+                   help="stable CP's last step: channel = least-squares scale per output channel "
+                        "(default), refit = least-squares output factor (more accurate, a few per "
+                        "cent more sensitive), none = the minimal-sensitivity point itself")
     size = p.add_argument_group("size (one of)")
     size.add_argument("--ratio", type=float, help="whole-model compression ratio, e.g. 4")
     size.add_argument("--rank", help="every layer: an int rank, or a float > 1 = per-layer ratio")

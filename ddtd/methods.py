@@ -184,7 +184,8 @@ def _stable_cp(layout):
                       seed=cfg.seed, damping=damping, name=name, **_options(cfg, layout))
         r = stable_cp(weight, sigma, int(ranks), layout=layout, init=init, damping=damping,
                       max_sweeps=opts.get("max_sweeps", 30), tol=opts.get("sweep_tol", 1e-3),
-                      direct_max=opts.get("direct_max", 1024), name=name)
+                      direct_max=opts.get("direct_max", 1024), finish=opts.get("finish", "channel"),
+                      name=name)
         return Fit(_cp_factors(r, layout), r.rel_error, list(r.history),
                    {"sensitivity_before": float(r.sensitivity_before),
                     "sensitivity_after": float(r.sensitivity_after),

@@ -13,6 +13,7 @@ import torch
 
 from ddtd.errors import InputError, NumericalError
 from ddtd.solvers import CPResult, cp_als
+from ddtd.solvers.cp import khatri_rao
 from ddtd.solvers.stable_cp import (StableCPResult, _Group, _secular, balance,
                                     ellipsoid_least_norm, sensitivity, stable_cp)
 
@@ -407,7 +408,7 @@ def test_rescale_removes_output_shrinkage_and_keeps_the_bound(layout):
     K = randn(T, S, k, k, seed=3)
     Sg = aniso_sigma(S * k * k, seed=3)
     init = cp_als(K, Sg, R, layout=layout, max_iter=20, dtype=F64, seed=3)
-    plain = stable_cp(K, Sg, R, layout=layout, init=init, max_sweeps=30, dtype=F64, rescale=False)
+    plain = stable_cp(K, Sg, R, layout=layout, init=init, max_sweeps=30, dtype=F64, finish="none")
     scaled = stable_cp(K, Sg, R, layout=layout, init=init, max_sweeps=30, dtype=F64)
     W = K.reshape(T, -1)
 
@@ -426,3 +427,33 @@ def test_rescale_removes_output_shrinkage_and_keeps_the_bound(layout):
     assert abs_err(K, scaled.kernel(), Sg) <= scaled.delta ** 2 * (1 + 1e-6) + 1e-14 * base
     assert energy(scaled) > energy(plain)
     assert scaled.sensitivity_after < scaled.sensitivity_before
+
+
+@pytest.mark.parametrize("layout", ["cp3", "cp4"])
+def test_refit_finish_is_the_least_squares_output_factor(layout):
+    """finish='refit': A is the least-squares output factor for the stable input factors (the
+    gradient (W - A M^T) Sigma M vanishes), so the error is no larger than the channel rescale's
+    (a special case) nor the CPD-EPC point's, and the factors are balanced (ss cannot fall by
+    rescaling rank-one terms)."""
+    T, S, k, R = 8, 6, 3, 6
+    K = randn(T, S, k, k, seed=4)
+    Sg = aniso_sigma(S * k * k, seed=4)
+    init = cp_als(K, Sg, R, layout=layout, max_iter=20, dtype=F64, seed=4)
+    runs = {f: stable_cp(K, Sg, R, layout=layout, init=init, max_sweeps=30, dtype=F64, finish=f)
+            for f in ("none", "channel", "refit")}
+    res = runs["refit"]
+    W = K.reshape(T, -1).double()
+    facs = [res.A, res.B, res.C] + ([res.E] if layout == "cp4" else [])
+    M = khatri_rao([F.double() for F in facs[1:]])
+    A = res.A.double()
+    grad = (W - A @ M.T) @ Sg @ M
+    assert float(grad.abs().max()) < 1e-9 * float((W @ Sg @ M).abs().max())
+    e = {f: abs_err(K, r.kernel(), Sg) for f, r in runs.items()}
+    assert e["refit"] <= e["channel"] * (1 + 1e-12) and e["channel"] <= e["none"] * (1 + 1e-12)
+    assert e["none"] <= runs["none"].delta ** 2 * (1 + 1e-6) + 1e-14 * base_of(K, Sg)
+    assert e["refit"] < e["none"] * (1 - 1e-6)  # the refit does move something here
+    torch.testing.assert_close(torch.tensor(sensitivity(*balance(*facs))), torch.tensor(res.sensitivity_after),
+                               rtol=1e-9, atol=0)
+    assert res.sensitivity_after < res.sensitivity_before
+    with pytest.raises(InputError, match="finish"):
+        stable_cp(K, Sg, R, layout=layout, init=init, finish="rescale")

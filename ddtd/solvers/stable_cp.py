@@ -771,7 +771,7 @@ def stable_cp(weight: torch.Tensor, sigma: torch.Tensor | None, rank: int, *,
               max_gflop: float | None = 400.0, verify_every: int = 5,
               damping: float = 0.0, eps_rel: float = EPS_REL, cp_options: dict | None = None,
               groups: int | None = None, device=None, dtype: torch.dtype | None = None,
-              rescale: bool = True, name: str | None = None) -> StableCPResult:
+              finish: str = "channel", name: str | None = None) -> StableCPResult:
     """Sensitivity-minimising CP (CPD-EPC) of a conv kernel at bounded Sigma error.
 
     Solves ``min ss(A, B, C[, E])  s.t.  trace((W - W~) Sigma (W - W~)^T) <= delta^2`` by exact
@@ -803,14 +803,23 @@ def stable_cp(weight: torch.Tensor, sigma: torch.Tensor | None, rank: int, *,
             ``R ~ 285`` to 7 sweeps (``R ~ 143``: 15; roughly 15-20 s on one core); layers up to
             256 channels are not affected (``max_sweeps`` first).
         verify_every: recompute the error from the explicit residual every this many sweeps.
-        rescale: finally scale each output channel (row of ``A``) by its least-squares factor
-            ``alpha_t = <W_t, W~_t>_Sigma / <W~_t, W~_t>_Sigma`` (see :func:`rescale_outputs`).
-            Minimising ``ss`` shrinks the factors, and at a fixed error that shrinks the layer's
-            output (measured on a VGG layer at 16x: output energy 0.66 of the original against
-            0.70 for CP-ALS, every ``alpha_t`` between 1.015 and 1.058); compounded over a
-            network of such layers it cost accuracy. The rescale can only lower the error (so
-            the bound still holds) and raises ``ss`` by a few percent; ``sensitivity_after``
-            includes it, the histories end before it.
+        finish: what follows the sweeps (both can only lower the error, so the bound still
+            holds; ``sensitivity_after`` includes it, the histories end before it):
+
+            - ``"channel"`` (default): scale each output channel (row of ``A``) by its
+              least-squares factor ``alpha_t = <W_t, W~_t>_Sigma / <W~_t, W~_t>_Sigma`` (see
+              :func:`rescale_outputs`). Minimising ``ss`` shrinks the factors, and at a fixed
+              error that shrinks the layer's output (measured on a VGG layer at 16x: output
+              energy 0.66 of the original against 0.70 for CP-ALS, every ``alpha_t`` between
+              1.015 and 1.058); compounded over a network of such layers it cost accuracy.
+              Raises ``ss`` by a few percent.
+            - ``"refit"``: replace ``A`` by its unconstrained least-squares fit to the stable
+              input factors, ``A = W Sigma M (M^T Sigma M)^+`` (the CP-ALS ``A`` step; see
+              :func:`refit_outputs`), then :func:`balance`. The general form of the channel
+              scale: it removes the shrinkage in every direction the input factors span, not
+              only per channel. Measured on the VGG (3 runs): +0.05 to +0.43 points of accuracy
+              over ``"channel"``, ``ss`` 3-7% higher.
+            - ``"none"``: the CPD-EPC point itself (error ``delta``, smallest ``ss``).
         damping, eps_rel: see :func:`ddtd.solvers._common.prepare_sigma` (the constraint uses
             ``Sigma + damping * mean(diag) * I``; ``eps_rel`` only affects the CP-ALS start).
         groups, device, name: as in :func:`cp_als`.  dtype: of the returned factors (the solver
@@ -830,6 +839,9 @@ def stable_cp(weight: torch.Tensor, sigma: torch.Tensor | None, rank: int, *,
     if weight.dim() != 4:
         raise InputError(f"{_where(name)}: stable CP needs a conv kernel (T, S, kh, kw), got "
                          f"{tuple(weight.shape)}", hint="use sigma_svd for Linear layers")
+    if finish not in ("channel", "refit", "none"):
+        raise InputError(f"{_where(name)}: unknown finish {finish!r}",
+                         hint="use 'channel' (the default), 'refit' or 'none'")
     if rows not in ("auto", "majorize", "exact", "block"):
         raise InputError(f"{_where(name)}: unknown rows mode {rows!r}",
                          hint="use 'auto', 'majorize', 'exact' or 'block'")
@@ -893,8 +905,9 @@ def stable_cp(weight: torch.Tensor, sigma: torch.Tensor | None, rank: int, *,
         n = max(len(h) for h in hs)
         return [sum(h[min(i, len(h) - 1)] for h in hs) for i in range(n)]
 
-    if rescale:
-        outs = [(o[0], rescale_outputs(o[0].WS, o[0].S, o[1])) + tuple(o[2:]) for o in outs]
+    if finish != "none":
+        fn = rescale_outputs if finish == "channel" else refit_outputs
+        outs = [(o[0], fn(o[0].WS, o[0].S, o[1])) + tuple(o[2:]) for o in outs]
     ss_hist = comb([o[3] for o in outs])
     err_hist = [x / btot for x in comb([o[4] for o in outs])]
     fl = [[F.to(dt) for F in o[1]] for o in outs]
@@ -930,6 +943,25 @@ def rescale_outputs(WS: torch.Tensor, S: torch.Tensor | None, facs: list) -> lis
     den = (s_approx * approx).sum(1)
     alpha = torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.ones_like(den))
     return [A * alpha[:, None]] + list(facs[1:])
+
+
+def refit_outputs(WS: torch.Tensor, S: torch.Tensor | None, facs: list) -> list:
+    """Replace ``A = facs[0]`` by the least-squares output factor for the other factors, balanced.
+
+    ``WS = W S`` ``(T, D)`` and ``S (D, D)`` as in :func:`rescale_outputs`; ``M`` ``(D, R)`` the
+    Khatri-Rao product of the input factors. ``A = (W S M) G^+`` with ``G = M^T S M`` (pseudo-
+    inverse over eigenvalues above ``1e-12`` of the largest) minimises ``||W - A M^T||_S`` over
+    all ``A``, so the error is at most that of the current ``A``. The factors are then
+    rescaled per rank-one term (:func:`balance`: ``W~`` unchanged, ``ss`` minimal for it).
+    Returns new factors (float64).
+    """
+    M = khatri_rao(facs[1:])
+    G = M.T @ (M if S is None else S @ M)
+    lam, V = torch.linalg.eigh(G)
+    keep = lam > lam.max().clamp_min(0) * 1e-12
+    Vk = V[:, keep]
+    A = ((WS @ M) @ Vk) / lam[keep] @ Vk.T
+    return _balance([A.to(F64)] + [F.to(F64) for F in facs[1:]])
 
 
 def stable_cp3(weight, sigma, rank, **kw) -> StableCPResult:
