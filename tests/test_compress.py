@@ -297,6 +297,31 @@ def test_cli_accepts_the_new_methods(tmp_path):
     assert rows and all(r["info"]["nnz"] > 0 for r in rows)
 
 
+def test_cli_stable_finish_reaches_the_solver(tmp_path):
+    """--stable-finish refit: the first stable layer (same inputs both runs) fits no worse than
+    with the default per-channel scale; an unknown value is refused by the parser."""
+    torch.manual_seed(0)
+    net = _tiny_cnn()
+    net.ddtd_spec = {"source": "factory", "name": "test_compress:small_cnn", "kwargs": {"width": 8}}
+    src = tmp_path / "net.ddtd"
+    save_model(net, src)
+    imgs = tmp_path / "imgs"
+    write_images(imgs, 16, size=(16, 16))
+    first = {}
+    for finish in ("channel", "refit"):
+        out = tmp_path / f"{finish}.ddtd"
+        assert main(["compress", "--model", str(src), "--images", str(imgs), "--size", "16", "--rank", "3",
+                     "--method", "cp3-stable", "--stable-finish", finish, "--no-sequential",
+                     "-o", str(out)]) == 0
+        rows = [r for r in torch.load(out, weights_only=True)["report"]["layers"] if r["method"] == "cp3-stable"]
+        assert rows
+        first[finish] = rows[0]["sigma_error"]
+    assert first["refit"] <= first["channel"] * (1 + 1e-6)
+    with pytest.raises(SystemExit):
+        main(["compress", "--model", str(src), "--images", str(imgs), "--stable-finish", "rescale", "-o",
+              str(tmp_path / "x.ddtd")])
+
+
 def test_sequential_auto_needs_a_significantly_lower_held_out_error(data, monkeypatch):
     """Default with images: per layer, sequential only when an svd probe fitted that way has a
     held-out output error lower by more than SEQUENTIAL_Z standard errors; the first compressed
