@@ -326,8 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: keep plain CP-ALS factors instead of the minimal-sensitivity ones")
     p.add_argument("--stable-finish", choices=["channel", "refit", "none"], default=None,
                    help="stable CP's last step: channel = least-squares scale per output channel "
-                        "(default), refit = least-squares output factor (more accurate, a few per "
-                        "cent more sensitive), none = the minimal-sensitivity point itself")
+                        "(default), refit = least-squares output factor (lower layer error, a few per "
+                        "cent more sensitive, not more accurate in the README's runs), none = the "
+                        "minimal-sensitivity point itself")
     size = p.add_argument_group("size (one of)")
     size.add_argument("--ratio", type=float, help="whole-model compression ratio, e.g. 4")
     size.add_argument("--rank", help="every layer: an int rank, or a float > 1 = per-layer ratio")
