@@ -94,7 +94,7 @@ import torch
 from ddtd.errors import InputError, NumericalError
 
 from ._common import (EPS_REL, F64, _where, check_finite, eigh, prepare_sigma,
-                      resolve_device_dtype, sigma_error, split_groups)
+                      resolve_device_dtype, sigma_error, split_groups, spd_solve)
 from .cp import CPResult, cp_als, khatri_rao
 
 #: accepted updates satisfy ``err <= delta^2 * (1 + FEAS_TOL)``
@@ -950,19 +950,15 @@ def refit_outputs(WS: torch.Tensor, S: torch.Tensor | None, facs: list) -> list:
     """Replace ``A = facs[0]`` by the least-squares output factor for the other factors, balanced.
 
     ``WS = W S`` ``(T, D)`` and ``S (D, D)`` as in :func:`rescale_outputs`; ``M`` ``(D, R)`` the
-    Khatri-Rao product of the input factors. ``A = (W S M) G^+`` with ``G = M^T S M`` (pseudo-
-    inverse over eigenvalues above ``1e-12`` of the largest) minimises ``||W - A M^T||_S`` over
-    all ``A``, so the error is at most that of the current ``A``. The factors are then
-    rescaled per rank-one term (:func:`balance`: ``W~`` unchanged, ``ss`` minimal for it).
+    Khatri-Rao product of the input factors. ``A G = W S M`` with ``G = M^T S M`` (CP-ALS's
+    ``A`` step, :func:`~ddtd.solvers._common.spd_solve`) minimises ``||W - A M^T||_S`` over all
+    ``A``, so the error is at most that of the current ``A``. The factors are then rescaled per
+    rank-one term (:func:`balance`: ``W~`` unchanged, ``ss`` minimal for it).
     Returns new factors (float64).
     """
     M = khatri_rao(facs[1:])
-    G = M.T @ (M if S is None else S @ M)
-    lam, V = torch.linalg.eigh(G)
-    keep = lam > lam.max().clamp_min(0) * 1e-12
-    Vk = V[:, keep]
-    A = ((WS @ M) @ Vk) / lam[keep] @ Vk.T
-    return _balance([A.to(F64)] + [F.to(F64) for F in facs[1:]])
+    A = spd_solve(M.T @ (M if S is None else S @ M), WS @ M, right=True)
+    return _balance([A] + [F.to(F64) for F in facs[1:]])
 
 
 def stable_cp3(weight, sigma, rank, **kw) -> StableCPResult:
