@@ -22,7 +22,56 @@ log = logging.getLogger("ddtd")
 
 
 def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in text.replace(",", " ").split())
+    try:
+        return tuple(float(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _bounded_float(ok, expected: str):
+    """An argparse type: a float for which ``ok(value)`` holds, else a message naming ``expected``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {expected}, got {text}")
+        return value
+
+    return parse
+
+
+_ratio = _bounded_float(lambda v: 1 < v < float("inf"), "a finite number > 1 (a compression ratio, e.g. 4)")
+_error_budget = _bounded_float(lambda v: 0 < v < 1, "a number in (0, 1) (a relative error budget, e.g. 0.05)")
+_fraction = _bounded_float(lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+
+def _rank(text: str):
+    """An int rank >= 1, or a float > 1 (a per-layer compression ratio)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an int rank (e.g. 16) or a per-layer ratio > 1 (e.g. 2.5), got {text!r}") from None
+    if value.is_integer() and "." not in text and "e" not in text.lower():
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"a rank must be at least 1, got {text}")
+        return int(value)
+    if not value > 1 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"a per-layer ratio must be a finite number > 1, got {text}")
+    return value
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -32,6 +81,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights", help="local state dict for the architecture (loaded with weights_only=True)")
     g.add_argument("--num-classes", type=int, help="number of classes, where it differs from the default")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    g.add_argument("--trust-factory", metavar="MODULE", default=None,
+                   help="allow a .ddtd file given as --model to import and call a factory from MODULE "
+                        "(comma-separated; torchvision architectures and ddtd.zoo need no opt-in). A model "
+                        "file never runs code of its own choosing without this")
 
 
 def _add_image_args(p: argparse.ArgumentParser) -> None:
@@ -39,28 +92,45 @@ def _add_image_args(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("images")
     g.add_argument("--images", required=True, type=Path, help="folder of images (class sub-folders allowed)")
-    g.add_argument("--num-images", type=int, default=None, help="use this many images (default: all)")
+    g.add_argument("--num-images", type=_positive_int, default=None, help="use this many images (default: all)")
     g.add_argument("--seed", type=int, default=0, help="seed of the reproducible image sample")
-    g.add_argument("--size", type=int, default=224, help="input side after the centre crop (default 224)")
-    g.add_argument("--resize", type=int, default=None, help="shorter side before cropping (default: --size)")
+    g.add_argument("--size", type=_positive_int, default=224, help="input side after the centre crop (default 224)")
+    g.add_argument("--resize", type=_positive_int, default=None, help="shorter side before cropping (default: --size)")
     g.add_argument("--mean", type=_floats, default=IMAGENET_MEAN, help="per-channel mean (default ImageNet)")
     g.add_argument("--std", type=_floats, default=IMAGENET_STD, help="per-channel std (default ImageNet)")
-    g.add_argument("--channels", type=int, default=None, help="input channels (default: the first conv's)")
-    g.add_argument("--batch-size", type=int, default=None,
+    g.add_argument("--channels", type=_positive_int, default=None, help="input channels (default: the first conv's)")
+    g.add_argument("--batch-size", type=_positive_int, default=None,
                    help="images per forward pass (default: 32 at 224 px, more for smaller images, up to 512)")
+
+
+def _load(args, model=None, weights=None):
+    from .model_io import load_model
+
+    return load_model(model or args.model, weights=weights if model else args.weights, num_classes=args.num_classes,
+                      device=args.device, trust_factory=args.trust_factory)
+
+
+def _model_inputs(args) -> dict:
+    """The files a command reads its model from (never to be overwritten by an output)."""
+    paths = {"--weights": args.weights}
+    if args.model and Path(args.model).exists():
+        paths["--model"] = args.model
+    return paths
 
 
 def cmd_calibrate(args) -> int:
     from .calibration import calibrate, save_calibration
     from .calibration.run import first_layer_channels
+    from .checks import check_outputs, resolve_device
     from .data import ImageTransform
-    from .model_io import load_model
 
     out = Path(args.output)
+    resolve_device(args.device)
     if args.append and not out.exists():
         raise DdtdError(f"--append given but '{out}' does not exist",
                         hint="drop --append to create a new store")
-    model = load_model(args.model, weights=args.weights, num_classes=args.num_classes, device=args.device)
+    check_outputs({"-o": out}, _model_inputs(args))
+    model = _load(args)
     transform = ImageTransform(
         size=args.size, resize=args.resize, mean=args.mean, std=args.std,
         channels=args.channels or first_layer_channels(model),
@@ -87,7 +157,9 @@ def cmd_calibrate(args) -> int:
 
 def cmd_merge(args) -> int:
     from .calibration import merge_stores
+    from .checks import check_outputs
 
+    check_outputs({"-o": args.output}, {"store": args.stores})
     info = merge_stores(args.stores, args.output)
     print(f"merged {len(args.stores)} stores ({info.num_images} images, {len(info.layers)} model layers) "
           f"into {args.output} ({Path(args.output).stat().st_size / 2**20:.1f} MiB)")
@@ -119,30 +191,27 @@ def _transform_from(args, model):
                           channels=args.channels or first_layer_channels(model))
 
 
-def _rank_arg(text: str | None):
-    if text is None:
-        return None
-    value = float(text)
-    return int(value) if value.is_integer() and "." not in text else value
-
-
 def cmd_compress(args) -> int:
     import json as _json
 
+    from .checks import check_outputs, resolve_device
     from .pipeline import compress
     from .methods import MethodConfig
-    from .model_io import load_model, save_model
+    from .model_io import save_model
     from .report import format_report, write_json
 
     out = Path(args.output)
-    model = load_model(args.model, weights=args.weights, num_classes=args.num_classes, device=args.device)
+    resolve_device(args.device)
+    if args.images is None and args.calib is None:
+        raise DdtdError("nothing to fit against", hint="pass --calib STORE.h5 (from ddtd calibrate) or --images DIR")
+    exports = {f"--export {args.export}": out.with_suffix(".ts" if args.export == "torchscript" else ".onnx")
+               } if args.export else {}
+    check_outputs({"-o": out, "--report-json": args.report_json, **exports},
+                  {**_model_inputs(args), "--calib": args.calib, "--ranks": args.ranks})
+    model = _load(args)
     if getattr(model, "ddtd_spec", None) is None:
         raise DdtdError("this model has no rebuildable architecture spec, so its compressed file could "
                         "not be loaded back", hint="pass --model as an architecture name / factory / .ddtd file")
-    if args.model and Path(args.model).exists() and Path(args.model).resolve() == out.resolve():
-        raise DdtdError("the output would overwrite the input model", hint="choose another -o path")
-    if args.images is None and args.calib is None:
-        raise DdtdError("nothing to fit against", hint="pass --calib STORE.h5 (from ddtd calibrate) or --images DIR")
     transform = _transform_from(args, model)
     ranks = None
     if args.ranks:
@@ -163,7 +232,7 @@ def cmd_compress(args) -> int:
             options[m] = {"finish": args.stable_finish}
     cfg = MethodConfig(norm=args.norm, max_iter=args.max_iter, tol=args.tol, seed=args.seed, options=options)
     result = compress(
-        model, args.images, store=args.calib, ratio=args.ratio, budget=args.budget, rank=_rank_arg(args.rank),
+        model, args.images, store=args.calib, ratio=args.ratio, budget=args.budget, rank=args.rank,
         ranks=ranks, error=args.error, method=args.method, norm=args.norm, strategy=args.strategy,
         layers=args.layers, include_first=args.include_first, include_last=args.include_last,
         sequential=args.sequential, config=cfg, num_images=args.num_images, batch_size=args.batch_size,
@@ -206,18 +275,26 @@ def _export(model, out: Path, kind: str, shape) -> None:
 
 
 def cmd_eval(args) -> int:
+    from .checks import check_outputs, resolve_device
     from .evaluate import evaluate, paired_latency
-    from .model_io import load_model
     from .report import write_json
 
-    model = load_model(args.model, weights=args.weights, num_classes=args.num_classes, device=args.device)
+    resolve_device(args.device)
+    inputs = {**_model_inputs(args), "--reference-weights": args.reference_weights}
+    if args.reference and Path(args.reference).exists():
+        inputs["--reference"] = args.reference
+    check_outputs({"--json": args.json}, inputs)
+    model = _load(args)
     ref = None
     if args.reference:
-        ref = load_model(args.reference, weights=args.reference_weights, num_classes=args.num_classes,
-                         device=args.device)
+        ref = _load(args, model=args.reference, weights=args.reference_weights)
     transform = _transform_from(args, ref if ref is not None and not hasattr(model, "ddtd_spec") else model)
+    if args.no_labels and ref is None:
+        raise DdtdError("--no-labels measures only the agreement with --reference, and none was given",
+                        hint="pass --reference MODEL")
     res = evaluate(model, args.images, transform, reference=ref, num_images=args.num_images,
-                   batch_size=args.batch_size or 128, seed=args.seed, device=args.device)
+                   batch_size=args.batch_size or 128, seed=args.seed, device=args.device,
+                   labels=not args.no_labels)
     shape = (transform.channels, transform.size, transform.size)
     if not args.no_latency:
         models = {"model": model} if ref is None else {"model": model, "reference": ref}
@@ -259,15 +336,32 @@ def cmd_report(args) -> int:
     from .model_io import read_model_file_meta
     from .report import format_report, plot_accuracy, write_json
 
+    from .checks import check_outputs
+
+    check_outputs({"--json": args.json, "--plot": args.plot}, {"file": args.files})
     results = []
     for path in args.files:
+        if not Path(path).is_file():
+            raise DdtdError(f"'{path}' not found", hint="pass .ddtd files written by ddtd compress or "
+                            "JSON files written by ddtd eval --json")
         if str(path).endswith(".json"):
-            results.append(_json.loads(Path(path).read_text()))
+            try:
+                data = _json.loads(Path(path).read_text())
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise DdtdError(f"'{path}' is not valid JSON ({exc})",
+                                hint="pass JSON files written by ddtd eval --json") from exc
+            if not isinstance(data, dict) or "images" not in data:
+                raise DdtdError(f"'{path}' is not an eval result", hint="pass JSON files written by ddtd eval --json")
+            results.append(data)
             continue
         meta = read_model_file_meta(path)
         if not meta.get("report"):
             raise DdtdError(f"'{path}' holds no compression report", hint="pass a file written by ddtd compress")
-        report = Report.from_dict(meta["report"])
+        try:
+            report = Report.from_dict(meta["report"])
+        except (TypeError, KeyError, ValueError) as exc:
+            raise DdtdError(f"the report in '{path}' is damaged ({exc})",
+                            hint="re-create the file with ddtd compress") from exc
         print(f"== {path}")
         print(format_report(report))
         if args.json:
@@ -291,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_image_args(p)
     p.add_argument("--layers", default=None,
                    help="comma-separated globs on layer names ('layer1.*,fc'); 're:' for a regex")
-    p.add_argument("--max-dim", type=int, default=DEFAULT_MAX_DIM,
+    p.add_argument("--max-dim", type=_positive_int, default=DEFAULT_MAX_DIM,
                    help=f"skip layers whose patch length exceeds this (default {DEFAULT_MAX_DIM})")
     p.add_argument("--append", action="store_true", help="add to the store at -o instead of replacing it")
     p.add_argument("-o", "--output", required=True, help="output .h5 store")
@@ -317,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: per layer the lowest Sigma error at the allocated size among svd, tucker2, "
                         "cp3, cp4 (+ lrs when --budget params), CP made stable; cp3-stable / cp4-stable: "
                         "minimal sensitivity at the CP-ALS error; lrs: low rank + sparse; sparse: pruning only")
-    p.add_argument("--sparsity", type=float, default=None,
+    p.add_argument("--sparsity", type=_fraction, default=None,
                    help="lrs: fraction of each layer's bytes given to the sparse part (default: the split "
                         "with the lowest Sigma error)")
     p.add_argument("--lrs-init", choices=["data", "residual", "masked", "auto"], default=None,
@@ -330,10 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "cent more sensitive, not more accurate in the README's runs), none = the "
                         "minimal-sensitivity point itself")
     size = p.add_argument_group("size (one of)")
-    size.add_argument("--ratio", type=float, help="whole-model compression ratio, e.g. 4")
-    size.add_argument("--rank", help="every layer: an int rank, or a float > 1 = per-layer ratio")
+    size.add_argument("--ratio", type=_ratio, help="whole-model compression ratio, e.g. 4")
+    size.add_argument("--rank", type=_rank, help="every layer: an int rank, or a float > 1 = per-layer ratio")
     size.add_argument("--ranks", help='JSON file {"layer": rank or [R1, R2]}')
-    size.add_argument("--error", type=float, help="per-layer relative Sigma error budget, e.g. 0.05")
+    size.add_argument("--error", type=_error_budget, help="per-layer relative Sigma error budget, e.g. 0.05")
     p.add_argument("--budget", choices=["params", "flops"], default="params", help="what --ratio counts")
     p.add_argument("--strategy", choices=["global", "uniform", "vbmf"], default="global")
     p.add_argument("--layers", help="globs of layers to compress (default: all but the first conv and the classifier)")
@@ -345,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "--images and the Sigma norm: per layer, sequential when it lowers the output error "
                           "on a held-out quarter of the images by more than 3 standard errors)")
     seq.add_argument("--no-sequential", dest="sequential", action="store_false")
-    p.add_argument("--max-iter", type=int, default=50, help="ALS iterations (tucker2, cp)")
+    p.add_argument("--max-iter", type=_positive_int, default=50, help="ALS iterations (tucker2, cp)")
     p.add_argument("--tol", type=float, default=1e-5)
     p.add_argument("--export", choices=["torchscript", "onnx"])
     p.add_argument("--report-json", type=Path)
@@ -358,6 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", help="the original model (name / factory / file)")
     p.add_argument("--reference-weights", help="its state dict, if --reference is an architecture name")
     p.add_argument("--no-latency", action="store_true")
+    p.add_argument("--no-labels", action="store_true",
+                   help="ignore class sub-folders; measure only agreement / output error against --reference "
+                        "(labels are the sorted sub-folder names = class indices 0..K-1, K must equal the "
+                        "model's outputs)")
     p.add_argument("--json", type=Path, help="write the results as JSON (input of `ddtd report --plot`)")
     p.set_defaults(func=cmd_eval)
 
@@ -378,13 +476,22 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s: %(message)s", stream=sys.stderr)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # inside the try: a closed pipe is reported here, not at exit
+        return code
     except DdtdError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
+        print("interrupted: nothing was written (existing outputs are unchanged)", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader of our output went away (``ddtd info X | head``): stop quietly
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

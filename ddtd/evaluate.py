@@ -37,10 +37,20 @@ def evaluate(
     batch_size: int = 128,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    labels: bool = True,
 ) -> EvalResult:
     """Accuracy on a labelled image folder (class sub-folders); with ``reference``, top-1
-    agreement and relative output error against it (any folder)."""
+    agreement and relative output error against it (any folder).
+
+    Labels: the first-level sub-folders, sorted by name, are the class indices ``0 .. K-1``
+    (torchvision's ``ImageFolder`` convention). A folder whose ``K`` differs from the model's
+    number of outputs is refused before any image is scored (the indices could not mean the
+    model's classes); ``labels=False`` ignores the folders and measures only the agreement with
+    ``reference``.
+    """
     folder = ImageFolder.scan(images)
+    if not labels:
+        folder.classes = []
     model.eval().to(device)
     if reference is not None:
         reference.eval().to(device)
@@ -50,6 +60,15 @@ def evaluate(
     for x, y in folder.batches(transform, num=num_images, seed=seed, batch_size=batch_size, labels=True):
         x = x.to(device)
         out = model(x)
+        if n == 0 and labelled and (out.dim() != 2 or out.shape[1] != len(folder.classes)):
+            outputs = out.shape[1] if out.dim() == 2 else tuple(out.shape[1:])
+            raise InputError(
+                f"'{images}' has {len(folder.classes)} class folders ({', '.join(folder.classes[:5])}"
+                f"{', ...' if len(folder.classes) > 5 else ''}) but the model has {outputs} outputs; "
+                "class folders sorted by name are taken as class indices 0..K-1, so the accuracy would be "
+                "meaningless",
+                hint="give a folder with one sub-folder per model class (sorted names = class indices), "
+                "or pass --no-labels (with --reference) to measure only the agreement with the original")
         pred = out.argmax(1).cpu()
         n += len(x)
         if labelled:
@@ -63,6 +82,7 @@ def evaluate(
                 correct_ref += int((ref.argmax(1).cpu() == y).sum())
     if n == 0:
         raise InputError(f"no images evaluated from {images}")
+
     res = EvalResult(images=n)
     if labelled:
         res.accuracy = correct / n

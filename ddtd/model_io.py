@@ -9,6 +9,15 @@
 * a path to a TorchScript file (usable for evaluation; calibration needs an eager model).
 
 Every checkpoint is read with ``torch.load(..., weights_only=True)``.
+
+What a ddtd model file may execute: nothing of its own choosing. Its spec names an
+architecture; a torchvision architecture and ddtd's own :mod:`ddtd.zoo` are built without
+asking, with plain-data keyword arguments (numbers, strings, lists; never ``weights`` or
+anything that would fetch them). A spec naming any other ``module:function`` is refused unless
+the caller trusts that module for this load (``trust_factory="mypkg"`` /
+``--trust-factory mypkg``): importing a module runs its code, so the choice is the user's, not
+the file's. The replacements in the file are data (layer names, kinds, shapes) replayed by
+:func:`ddtd.layers.apply_replacements` with ddtd's own layer classes.
 """
 
 from __future__ import annotations
@@ -30,14 +39,59 @@ __all__ = ["ModelSpec", "load_model", "save_model", "build_from_spec", "load_sta
 
 FORMAT_VERSION = 1
 
+#: Factory modules a model file may name without an explicit opt-in (ddtd's own architectures).
+TRUSTED_FACTORY_MODULES = ("ddtd.zoo",)
+_SAFE_KWARG_TYPES = (bool, int, float, str, type(None))
+
 #: Spec of how to rebuild an architecture: {"source": "torchvision"|"factory", "name": str,
 #: "kwargs": dict}. Plain data so it survives ``weights_only=True``.
 ModelSpec = dict
 
 
-def build_from_spec(spec: ModelSpec) -> nn.Module:
-    """Instantiate an architecture (random weights) from a spec."""
-    source, name, kwargs = spec["source"], spec["name"], dict(spec.get("kwargs", {}))
+def _module_trusted(mod_name: str, trusted) -> bool:
+    return any(mod_name == t or mod_name.startswith(t + ".") for t in trusted)
+
+
+def _trusted_list(trust_factory) -> tuple[str, ...]:
+    if trust_factory is None:
+        return ()
+    if isinstance(trust_factory, str):
+        return tuple(t.strip() for t in trust_factory.split(",") if t.strip())
+    return tuple(trust_factory)
+
+
+def _check_spec(spec, where: str) -> tuple[str, str, dict]:
+    """Validate a spec's shape and keyword arguments (plain data only) before anything runs."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("source"), str) or not isinstance(spec.get("name"), str):
+        raise InputError(f"{where} has a damaged architecture spec", hint="re-create the file with ddtd compress")
+    kwargs = spec.get("kwargs", {}) or {}
+    if not isinstance(kwargs, dict):
+        raise InputError(f"{where}: the spec's kwargs are not a mapping", hint="re-create the file with ddtd compress")
+
+    def plain(v):
+        if isinstance(v, (list, tuple)):
+            return all(plain(x) for x in v)
+        return isinstance(v, _SAFE_KWARG_TYPES)
+
+    for k, v in kwargs.items():
+        if not isinstance(k, str) or not plain(v) or k.startswith("weights") or k == "progress":
+            raise InputError(f"{where}: the spec's argument {k!r} is not allowed (plain numbers / strings only, "
+                             "no weights)", hint="re-create the file with ddtd compress")
+    return spec["source"], spec["name"], dict(kwargs)
+
+
+def build_from_spec(spec: ModelSpec, *, trust_factory=None, where: str = "the spec",
+                    trust_all: bool = False) -> nn.Module:
+    """Instantiate an architecture (random weights) from a spec.
+
+    Args:
+        spec: ``{"source": "torchvision" | "factory", "name": ..., "kwargs": {...}}``.
+        trust_factory: module name(s) (``"mypkg"`` or ``["a", "b.models"]``) whose factories may be
+            imported and called; :data:`TRUSTED_FACTORY_MODULES` are always allowed.
+        where: what the spec comes from, for messages.
+        trust_all: the spec was typed by the user (``--model pkg:fn``), not read from a file.
+    """
+    source, name, kwargs = _check_spec(spec, where)
     if source == "torchvision":
         import torchvision
 
@@ -49,8 +103,22 @@ def build_from_spec(spec: ModelSpec) -> nn.Module:
                 hint="use a name from torchvision.models.list_models(), a 'package.module:factory', "
                 "or a path to a saved model file",
             ) from exc
+        except TypeError as exc:
+            raise InputError(f"torchvision architecture '{name}' does not accept {sorted(kwargs)} ({exc})",
+                             hint="drop --num-classes or check the architecture name") from exc
     if source == "factory":
         mod_name, _, fn_name = name.partition(":")
+        if not mod_name or not fn_name:
+            raise InputError(f"factory '{name}' is not 'package.module:function'",
+                             hint="give the factory as 'package.module:function'")
+        trusted = TRUSTED_FACTORY_MODULES + _trusted_list(trust_factory)
+        if not trust_all and not _module_trusted(mod_name, trusted):
+            raise InputError(
+                f"{where} names the factory '{name}'; loading it would import and run code from module "
+                f"'{mod_name}', which is not trusted",
+                hint=f"if you trust that module, pass --trust-factory {mod_name} "
+                f"(Python: trust_factory='{mod_name}'); torchvision architectures and ddtd.zoo need no opt-in",
+            )
         try:
             fn = getattr(importlib.import_module(mod_name), fn_name)
         except (ImportError, AttributeError) as exc:
@@ -58,11 +126,17 @@ def build_from_spec(spec: ModelSpec) -> nn.Module:
                 f"cannot import factory '{name}' ({exc})",
                 hint="give 'package.module:function' importable from the current environment",
             ) from exc
-        model = fn(**kwargs)
+        if not callable(fn):
+            raise InputError(f"factory '{name}' is not callable", hint="name a function returning an nn.Module")
+        try:
+            model = fn(**kwargs)
+        except TypeError as exc:
+            raise InputError(f"factory '{name}' does not accept the arguments {sorted(kwargs)} ({exc})",
+                             hint="drop --num-classes if the factory fixes its classes, or check the factory") from exc
         if not isinstance(model, nn.Module):
             raise InputError(f"factory '{name}' returned {type(model).__name__}, not an nn.Module")
         return model
-    raise InputError(f"unknown model source '{source}' in spec")
+    raise InputError(f"unknown model source '{source}' in {where}", hint="re-create the file with ddtd compress")
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -120,15 +194,26 @@ def load_model(
     weights: str | os.PathLike | None = None,
     num_classes: int | None = None,
     device: str | torch.device = "cpu",
+    *,
+    trust_factory: str | list[str] | None = None,
 ) -> nn.Module:
-    """Load a model in eval mode from a name, a factory or a file (see module docstring)."""
+    """Load a model in eval mode from a name, a factory or a file (see module docstring).
+
+    ``trust_factory``: module name(s) whose factory a model *file* may name (see the module
+    docstring); a factory given directly as ``model="pkg.mod:fn"`` is the caller's own choice.
+    """
     text = str(model)
     path = Path(text)
     if path.suffix and path.exists() and path.is_file():
         if _is_torchscript(path):
-            m = torch.jit.load(str(path), map_location=device)
+            try:
+                m = torch.jit.load(str(path), map_location=device)
+            except Exception as exc:
+                raise InputError(f"cannot load '{path}' as TorchScript ({type(exc).__name__}: "
+                                 f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''})",
+                                 hint="pass a file saved by torch.jit.save or ddtd compress --export torchscript") from exc
         else:
-            m = _load_ddtd_file(path)
+            m = _load_ddtd_file(path, trust_factory=trust_factory)
             if weights:
                 _load_weights(m, weights)
     elif path.suffix in {".pt", ".pth", ".ddtd", ".ts"} or os.sep in text:
@@ -138,14 +223,15 @@ def load_model(
         if num_classes is not None:
             kwargs["num_classes"] = num_classes
         source = "factory" if ":" in text else "torchvision"
-        m = build_from_spec({"source": source, "name": text, "kwargs": kwargs})
+        m = build_from_spec({"source": source, "name": text, "kwargs": kwargs}, trust_all=True,
+                            where=f"--model {text}")
         m.ddtd_spec = {"source": source, "name": text, "kwargs": kwargs}
         if weights:
             _load_weights(m, weights)
     return m.to(device).eval()
 
 
-def _load_ddtd_file(path: Path) -> nn.Module:
+def _load_ddtd_file(path: Path, trust_factory=None) -> nn.Module:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -159,15 +245,20 @@ def _load_ddtd_file(path: Path) -> nn.Module:
             f"'{path}' is not a ddtd model file",
             hint="for a plain state dict use --model ARCH --weights PATH",
         )
-    if obj["ddtd_format"] > FORMAT_VERSION:
+    if not isinstance(obj["ddtd_format"], int) or obj["ddtd_format"] > FORMAT_VERSION:
         raise InputError(f"'{path}' has format {obj['ddtd_format']}; this ddtd reads up to {FORMAT_VERSION}",
                          hint="upgrade ddtd")
-    model = build_from_spec(obj["spec"])
-    if obj.get("replacements"):
-        from .layers import apply_replacements
+    model = build_from_spec(obj.get("spec"), trust_factory=trust_factory, where=f"model file '{path}'")
+    try:
+        if obj.get("replacements"):
+            from .layers import apply_replacements
 
-        model = apply_replacements(model, obj["replacements"], inplace=True)
-    model.load_state_dict(obj["state_dict"])
+            model = apply_replacements(model, obj["replacements"], inplace=True)
+        model.load_state_dict(obj["state_dict"])
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        raise InputError(f"model file '{path}' is damaged or does not match its architecture "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})",
+                         hint="re-create the file with ddtd compress") from exc
     model.ddtd_spec = obj["spec"]
     return model
 

@@ -42,6 +42,8 @@ from .solvers._common import eigh
 from .solvers.formats import rank_for_budget
 from .methods import (AUTO_METHODS, METHODS, Fit, MethodConfig, applicable, get_method, layer_dims,
                       relative_sigma_error)
+from .calibration.run import ZERO_VARIANCE, warn_zero_variance
+from .checks import unsupported_layers
 from .ranks import (ErrorBudget, LayerShape, Ratio, allocate, evbmf_rank, format_macs,
                     format_params, resolve_rank, whitened_spectrum)
 
@@ -214,7 +216,8 @@ def plan(
     if strategy in ("global", "vbmf") or error is not None or method == "auto":
         for name in active:
             lm = moments[name]
-            sigma = lm.covariance() if norm == "sigma" else None
+            # inputs without variance say nothing about which outputs matter: size by the weights
+            sigma = lm.covariance() if norm == "sigma" and lm.variance_fraction() >= ZERO_VARIANCE else None
             spectra[name] = whitened_spectrum(get_module(model, name).weight.detach().cpu(), sigma)
     # Size the layers (svd is the yardstick format for auto: each layer gets a parameter budget,
     # every candidate is then fitted at that budget and the best one kept).
@@ -512,8 +515,10 @@ def _holdout_moments(work: nn.Module, batches, batch_size: int) -> dict:
     fit_b, held_b = _split_holdout(batches, batch_size)
     if held_b is None:
         return {}
-    a = calibrate(work, torch.cat(fit_b), batch_size=batch_size, show_progress=False).moments
-    b = calibrate(work, torch.cat(held_b), batch_size=batch_size, show_progress=False).moments
+    a = calibrate(work, torch.cat(fit_b), batch_size=batch_size, show_progress=False,
+                  check_variance=False).moments
+    b = calibrate(work, torch.cat(held_b), batch_size=batch_size, show_progress=False,
+                  check_variance=False).moments
     return {n: (a[n].covariance(), b[n].covariance()) for n in a if n in b}
 
 
@@ -588,6 +593,34 @@ class CompressResult:
     records: list[dict]
 
 
+def _check_request(model: nn.Module, *, ratio, rank, error, budget, strategy, method, norm, device) -> None:
+    """Refuse an impossible request before any work (calibration can take minutes)."""
+    from .checks import check_finite_weights, check_has_layers, resolve_device
+
+    resolve_device(device)
+    if norm not in ("sigma", "frobenius"):
+        raise InputError(f"unknown norm {norm!r}", hint="use 'sigma' or 'frobenius'")
+    if budget not in ("params", "flops"):
+        raise InputError(f"unknown budget {budget!r}", hint="use 'params' or 'flops'")
+    if strategy not in ("global", "uniform", "vbmf"):
+        raise InputError(f"unknown rank strategy {strategy!r}", hint="use global, uniform or vbmf")
+    if method != "auto":
+        get_method(method)
+    if ratio is not None:
+        Ratio(float(ratio))
+    if error is not None:
+        ErrorBudget(float(error))
+    if rank is not None:
+        if isinstance(rank, bool) or not isinstance(rank, (int, float)):
+            raise InputError(f"rank must be an int >= 1 or a per-layer ratio > 1, got {rank!r}", hint="e.g. rank=16")
+        if isinstance(rank, int) and rank < 1:
+            raise InputError(f"a rank must be at least 1, got {rank}", hint="e.g. rank=16")
+        if isinstance(rank, float):
+            Ratio(rank)
+    check_has_layers(model)
+    check_finite_weights(model)
+
+
 def compress(
     model: nn.Module,
     data=None,
@@ -644,6 +677,8 @@ def compress(
         :class:`Report` and the replacement records.
     """
     t0 = time.time()
+    _check_request(model, ratio=ratio, rank=rank, error=error, budget=budget, strategy=strategy, method=method,
+                   norm=norm, device=device)
     cfg = config or MethodConfig(norm=norm)
     if cfg.norm != norm:
         cfg = MethodConfig(norm=norm, max_iter=cfg.max_iter, tol=cfg.tol, seed=cfg.seed,
@@ -684,9 +719,11 @@ def compress(
     else:
         if batches is None:
             raise InputError("nothing to calibrate on", hint="pass data (images / DataLoader / tensor) or a store")
-        moments = calibrate(work, torch.cat(batches), batch_size=batch_size, show_progress=show_progress).moments
+        moments = calibrate(work, torch.cat(batches), batch_size=batch_size, show_progress=show_progress,
+                            check_variance=False).moments
     t_cal = time.time() - t_cal
 
+    flat = set(warn_zero_variance({n: moments[n] for n in select_layers(work, layers) if n in moments}))
     plans, shapes, macs = plan(work, moments, input_shape=input_shape, method=method, norm=norm,
                                ratio=ratio, budget=budget, rank=rank, ranks=ranks, error=error,
                                strategy=strategy, layers=layers, include_first=include_first,
@@ -699,6 +736,10 @@ def compress(
     report = Report(settings=dict(method=method, norm=norm, ratio=ratio, budget=budget, rank=rank,
                                   error=error, strategy=strategy, sequential=mode,
                                   layers=layers, input_shape=list(input_shape)))
+    for name, reason in unsupported_layers(work).items():
+        n = get_module(work, name).weight.numel()
+        report.layers.append(LayerReport(name, type(get_module(work, name)).__name__, "dense", None, n, n,
+                                         0, 0, None, None, 0.0, reason))
     select = _holdout_moments(work, batches, batch_size or 64) if (
         norm == "sigma" and batches is not None and any(
             p.method is not None and ("lrs" in p.candidates or p.method == "lrs") for p in plans)
@@ -729,34 +770,42 @@ def compress(
             sig, mean, mean_in = c_tt, mu_t, mu_x
         else:
             sig, mean, mean_in, target = lm.covariance(), lm.mean(), None, None
+        lcfg = cfg
+        if p.name in flat and cfg.norm == "sigma" and not use_seq:
+            # no variance: fit the weights; the bias correction keeps the (constant) outputs exact
+            lcfg = replace(cfg, norm="frobenius", bias_correction=True)
         best = None
         for m in p.candidates if method == "auto" else [p.method]:
             r = p.ranks if m == p.method or method != "auto" else _ranks_for_format(m, shapes[p.name], p.ranks)
             if r is None:
                 continue
-            mcfg = cfg
-            if m == "lrs" and p.name in select and target is None:
-                mcfg = _with_option(cfg, "lrs", select=tuple(x.to(dev) for x in select[p.name]))
+            mcfg = lcfg
+            if m == "lrs" and p.name in select and target is None and lcfg.norm == "sigma":
+                mcfg = _with_option(lcfg, "lrs", select=tuple(x.to(dev) for x in select[p.name]))
             out = solve(p.name, layer, m, r, mcfg, sig.to(dev), mean.to(dev),
                         target=target, mean_in=None if mean_in is None else mean_in.to(dev))
-            score = out["sigma_error"] if norm == "sigma" else out["weight_error"]
+            score = out["sigma_error"] if lcfg.norm == "sigma" else out["weight_error"]
             if best is None or score < best[0]:
                 best = (score, m, r, out)
         _, m, r, out = best
         if method == "auto" and m in ("cp3", "cp4") and cfg.options.get("auto", {}).get("stabilize", True):
             # same error bound, lower sensitivity: robust to rounding and to upstream errors
             m = f"{m}-stable"
-            out = solve(p.name, layer, m, r, cfg, sig.to(dev), mean.to(dev),
+            out = solve(p.name, layer, m, r, lcfg, sig.to(dev), mean.to(dev),
                         target=target, mean_in=None if mean_in is None else mean_in.to(dev))
+        if lcfg is not cfg:
+            out["sigma_error"] = None  # relative to an input energy of zero: not defined
         records += assemble(work, {p.name: (m, out["factors"], out["bias"])})
         new = get_module(work, p.name)
         after = stored_units(new, exclude_bias=True)
         report.layers.append(LayerReport(
             p.name, type(layer).__name__, m, list(r) if isinstance(r, tuple) else r, before, after, mac_b,
             layer_macs(m, shapes[p.name], r), out["sigma_error"], out["weight_error"], time.time() - ts,
-            "sequential" if use_seq else "", info={**out["info"], **seq_info}))
-        log.info("%s: %s ranks %s, %d -> %d params, Sigma error %.4f", p.name, m, r, before, after,
-                 out["sigma_error"])
+            "sequential" if use_seq else ("inputs without variance: fitted to the weights" if lcfg is not cfg else ""),
+            info={**out["info"], **seq_info}))
+        log.info("%s: %s ranks %s, %d -> %d params, %s", p.name, m, r, before, after,
+                 "no Sigma error (inputs without variance)" if out["sigma_error"] is None
+                 else f"Sigma error {out['sigma_error']:.4f}")
     t_solve = time.time() - t_solve
     report.params_before = params_before
     report.params_after = stored_units(work)

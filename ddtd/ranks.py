@@ -51,8 +51,8 @@ class Ratio:
     value: float
 
     def __post_init__(self):
-        if not self.value > 1:
-            raise InputError(f"a compression ratio must be > 1, got {self.value}",
+        if not 1 < self.value < float("inf"):
+            raise InputError(f"a compression ratio must be a finite number > 1, got {self.value}",
                              hint="e.g. 4 for 4x fewer parameters")
 
 

@@ -16,7 +16,7 @@ from ddtd.cli import main
 from ddtd.errors import InputError, NumericalError, StoreMismatchError
 from ddtd.model_io import load_model, save_model
 
-SIZE = ["--size", "16", "--batch-size", "4"]
+SIZE = ["--size", "16", "--batch-size", "4", "--trust-factory", "conftest"]
 
 
 def _model_file(tmp_path, channels=3, seed=0):
@@ -170,7 +170,7 @@ def test_not_a_store_is_refused(tmp_path):
 
 
 def test_interrupted_run_leaves_nothing_and_keeps_the_old_file(tmp_path, monkeypatch):
-    model = load_model(_model_file(tmp_path))
+    model = load_model(_model_file(tmp_path), trust_factory="conftest")
     imgs = tmp_path / "imgs"
     write_images(imgs, 8)
     out = tmp_path / "s.h5"
@@ -214,11 +214,17 @@ def test_interrupted_run_leaves_nothing_and_keeps_the_old_file(tmp_path, monkeyp
 
 
 def test_nan_activations_name_the_layer(tmp_path):
+    """NaN weights are named where they are held (before any forward pass); NaN inputs at the
+    first layer that receives them."""
     model = tiny_net()
     with torch.no_grad():
         model.conv2.weight[0, 0, 0, 0] = float("nan")
     x = torch.randn(4, 3, 16, 16)
-    with pytest.raises(NumericalError, match="layer 'conv3' received NaN or Inf"):
+    with pytest.raises(NumericalError, match="parameter 'conv2.weight' holds 1 NaN"):
+        calibrate(model, x, show_progress=False)
+    model = tiny_net()
+    x[1, 0, 3, 3] = float("nan")
+    with pytest.raises(NumericalError, match="layer 'conv1' received NaN or Inf"):
         calibrate(model, x, show_progress=False)
     assert all(not m._forward_pre_hooks for m in model.modules())
 

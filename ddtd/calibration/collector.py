@@ -70,6 +70,13 @@ class LayerMoments:
         mu = self.mean()
         return self.second_moment() - mu.unsqueeze(-1) * mu.unsqueeze(-2)
 
+    def variance_fraction(self) -> float:
+        """``trace(Sigma_c) / trace(Sigma)``: the share of the input energy that varies across
+        samples (0 when every sample is the same, e.g. all-zero images; 0 also for no energy)."""
+        total = float(torch.diagonal(self.second_moment(), dim1=-2, dim2=-1).sum())
+        centred = float(torch.diagonal(self.covariance(), dim1=-2, dim2=-1).sum())
+        return max(0.0, centred / total) if total > 0 else 0.0
+
     def to_cpu(self) -> "LayerMoments":
         return LayerMoments(self.xxT.cpu(), self.x_sum.cpu(), self.count, dict(self.meta))
 

@@ -16,9 +16,10 @@ from tqdm import tqdm
 from ..data import ImageFolder, ImageTransform
 from ..errors import InputError, StoreMismatchError
 from .collector import DEFAULT_MAX_DIM, LayerMoments, MomentCollector
-from .store import CovarianceStore, StoreInfo, model_layers, write_store
+from .store import CovarianceStore, StoreInfo, model_layers, new_source_id, write_store
 
-__all__ = ["CalibrationResult", "calibrate", "first_layer_channels", "save_calibration"]
+__all__ = ["CalibrationResult", "calibrate", "first_layer_channels", "save_calibration", "warn_zero_variance",
+           "ZERO_VARIANCE"]
 
 log = logging.getLogger("ddtd")
 
@@ -96,6 +97,7 @@ def calibrate(
     max_dim: int = DEFAULT_MAX_DIM,
     device: str | torch.device | None = None,
     show_progress: bool | None = None,
+    check_variance: bool = True,
 ) -> CalibrationResult:
     """Run ``data`` through ``model`` and accumulate every selected layer's input moments.
 
@@ -111,6 +113,8 @@ def calibrate(
             count up to 512, so small images amortise the per-batch accumulation).
         max_dim: layers whose patch length exceeds it are skipped (reason recorded).
         device: where the forward pass and the accumulators live (default: the model's).
+        check_variance: log a warning for layers whose inputs (almost) do not vary across the
+            samples (blank or identical images; see :func:`warn_zero_variance`).
 
     Returns:
         A :class:`CalibrationResult` with float64 raw sums per layer.
@@ -120,6 +124,11 @@ def calibrate(
             "a TorchScript model cannot be calibrated: its layers do not run Python hooks",
             hint="load the eager model instead (--model ARCH --weights STATE_DICT, a factory, or a .ddtd file)",
         )
+    from ..checks import check_finite_weights, check_has_layers, resolve_device
+
+    resolve_device(device)
+    check_has_layers(model)
+    check_finite_weights(model)
     model.eval()
     if device is not None:
         model.to(device)
@@ -151,7 +160,10 @@ def calibrate(
     for n in missing:
         skipped[n] = "never called in the forward pass"
         log.warning("layer '%s' was never called in the forward pass; it is not stored", n)
+    if check_variance:
+        warn_zero_variance(collector.moments)
     source["used"] = count
+    source["id"] = new_source_id()
     info = StoreInfo(
         layers=model_layers(model),
         num_images=count,
@@ -171,6 +183,21 @@ def calibrate(
         log.warning("skipped %d unreadable image files and %d non-image files",
                     len(result.unreadable), result.non_images)
     return result
+
+
+#: A layer whose inputs keep less than this share of their energy in variation across samples is
+#: reported as having (almost) no variance: its Sigma error cannot say which outputs matter.
+ZERO_VARIANCE = 1e-8
+
+
+def warn_zero_variance(moments) -> list[str]:
+    """Log a warning for each layer whose inputs (almost) do not vary; return their names."""
+    flat = [name for name, lm in moments.items() if lm.variance_fraction() < ZERO_VARIANCE]
+    if flat:
+        log.warning("%d layer(s) saw inputs with (almost) zero variance across the calibration samples "
+                    "(e.g. '%s'): the images may be blank or identical, and the data-driven fit of those layers "
+                    "is meaningless; calibrate on varied, real images", len(flat), flat[0])
+    return flat
 
 
 def save_calibration(result: CalibrationResult, path: str | os.PathLike, append: bool = False) -> Path:

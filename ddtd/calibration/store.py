@@ -12,17 +12,30 @@ Layout (readable with any HDF5 tool, e.g. ``h5ls -r``)::
                             attrs: type, kind, weight_shape, kernel_size, stride, padding
                                    (top, bottom, left, right), dilation, groups, padding_mode,
                                    unfold_order
+    every dataset           attr sha256: checksum of its bytes, verified on read
 
-Sums add, so stores from several runs or machines merge exactly (:func:`merge_stores`). A store
-is tied to one architecture by its fingerprint; :func:`check_model` names the first layer that
-differs. Files are written atomically.
+Sums add, so stores from several runs or machines merge exactly (:func:`merge_stores`); each
+run's entry in ``sources`` carries a random ``id``, and a merge refuses the same run twice. A
+store is tied to one architecture by its fingerprint; :func:`check_model` names the first layer
+that differs. Files are written atomically.
+
+Reading a layer checks its numbers before any solver sees them (:func:`validate_moments`):
+checksums, finite values, a symmetric ``xxT`` with a non-negative diagonal, the Cauchy-Schwarz
+bound ``x_sum_i^2 <= count * xxT_ii`` (which every set of samples satisfies), positive
+semidefiniteness within round-off (a Cholesky factorisation of ``xxT + 1e-6 * trace(xxT) * I``:
+products accumulated from float32 activations carry relative errors near 1e-7 of the largest
+eigenvalue, itself at most the trace),
+and a positive count. A damaged store is refused with the
+layer and dataset named.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,9 +45,11 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from ..atomic import atomic_path
+from ..atomic import atomic_path, check_interrupt
 from ..errors import InputError, StoreMismatchError
 from .collector import LayerMoments
+
+log = logging.getLogger("ddtd")
 
 __all__ = [
     "STORE_FORMAT",
@@ -44,6 +59,8 @@ __all__ = [
     "fingerprint",
     "write_store",
     "merge_stores",
+    "validate_moments",
+    "new_source_id",
 ]
 
 STORE_FORMAT = 1
@@ -68,6 +85,54 @@ def _key(name: str) -> str:
 
 def _unkey(key: str) -> str:
     return "" if key == "%ROOT" else key.replace("%2F", "/")
+
+
+def new_source_id() -> str:
+    """A random id for one calibration run (recorded in ``sources``)."""
+    return uuid.uuid4().hex
+
+
+def _checksum(arr: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
+
+
+#: Relative tolerances of :func:`validate_moments` (float64 sums of float32 products).
+SYMMETRY_RTOL = 1e-6
+PSD_JITTER = 1e-6
+
+
+def validate_moments(name: str, lm: LayerMoments, where: str = "the store") -> None:
+    """Raise :class:`InputError` unless ``lm`` could be the raw moments of real data (see the
+    module docstring for the checks)."""
+    hint = "the store is damaged: re-run `ddtd calibrate` (keep the images), or restore it from a copy"
+    xxT, xs = lm.xxT.to(torch.float64), lm.x_sum.to(torch.float64)
+    if xxT.dim() != 3 or xxT.shape[-1] != xxT.shape[-2] or xs.shape != xxT.shape[:2]:
+        raise InputError(f"layer '{name}' in {where}: xxT {tuple(xxT.shape)} and x_sum {tuple(xs.shape)} "
+                         "do not have the shapes (g, D, D) and (g, D)", hint=hint)
+    if not isinstance(lm.count, int) or lm.count < 1:
+        raise InputError(f"layer '{name}' in {where}: sample count {lm.count} is not a positive integer", hint=hint)
+    for label, t in (("xxT", xxT), ("x_sum", xs)):
+        if not bool(torch.isfinite(t).all()):
+            raise InputError(f"layer '{name}' in {where}: {label} holds NaN / Inf", hint=hint)
+    diag = torch.diagonal(xxT, dim1=-2, dim2=-1)
+    scale = diag.abs().amax(-1).clamp_min(1e-300)  # (g,)
+    if bool((diag < -SYMMETRY_RTOL * scale[:, None]).any()):
+        raise InputError(f"layer '{name}' in {where}: xxT has a negative diagonal entry (a sum of squares)",
+                         hint=hint)
+    asym = (xxT - xxT.transpose(-1, -2)).abs().amax((-1, -2))
+    if bool((asym > SYMMETRY_RTOL * scale).any()):
+        raise InputError(f"layer '{name}' in {where}: xxT is not symmetric (max |xxT - xxT^T| = "
+                         f"{float(asym.max()):.3g})", hint=hint)
+    d = diag.clamp_min(0)
+    tol = 1 + 1e-6
+    if bool((xs.pow(2) > tol * lm.count * d + 1e-300).any()):
+        raise InputError(f"layer '{name}' in {where}: x_sum and xxT are inconsistent "
+                         f"(x_sum_i^2 > count * xxT_ii with count {lm.count})", hint=hint)
+    eye = torch.eye(xxT.shape[-1], dtype=torch.float64)
+    jitter = PSD_JITTER * d.sum(-1).clamp_min(1e-300)
+    _, info = torch.linalg.cholesky_ex(xxT + jitter[:, None, None] * eye)
+    if bool((info != 0).any()):
+        raise InputError(f"layer '{name}' in {where}: xxT is not positive semidefinite", hint=hint)
 
 
 @dataclass
@@ -140,6 +205,13 @@ class CovarianceStore:
         except OSError as exc:
             raise InputError(f"cannot read '{self.path}' as HDF5 ({exc})",
                              hint="the file is damaged or not a store; re-run `ddtd calibrate`") from exc
+        except (KeyError, ValueError, TypeError) as exc:  # missing / unparsable attributes
+            raise InputError(f"the metadata of store '{self.path}' is damaged ({type(exc).__name__}: {exc})",
+                             hint="re-run `ddtd calibrate` to write a new store") from exc
+        if not (isinstance(self.info.layers, list) and isinstance(self.info.sources, list)
+                and isinstance(self.info.skipped, dict) and self.info.num_images >= 0):
+            raise InputError(f"the metadata of store '{self.path}' is damaged (layers / sources / skipped)",
+                             hint="re-run `ddtd calibrate` to write a new store")
         if self.info.format_version > STORE_FORMAT:
             raise InputError(f"store format {self.info.format_version} is newer than this ddtd reads",
                              hint="upgrade ddtd")
@@ -158,15 +230,31 @@ class CovarianceStore:
                 hint="re-run `ddtd calibrate` with --layers covering it (and a larger --max-dim "
                 "if it was skipped), or leave the layer out with --layers",
             )
-        with h5py.File(self.path, "r") as f:
-            g = f["layers"][_key(name)]
-            meta = {k: _attr(v) for k, v in g.attrs.items()}
-            return LayerMoments(
-                xxT=torch.from_numpy(g["xxT"][()]),
-                x_sum=torch.from_numpy(g["x_sum"][()]),
-                count=int(g["count"][()]),
-                meta=meta,
-            )
+        where = f"store '{self.path}'"
+        try:
+            with h5py.File(self.path, "r") as f:
+                g = f["layers"][_key(name)]
+                meta = {k: _attr(v) for k, v in g.attrs.items() if k != "sha256"}
+                data = {}
+                for ds in ("xxT", "x_sum", "count"):
+                    arr = g[ds][()]
+                    want = g[ds].attrs.get("sha256")
+                    if want is not None and _attr(want) != _checksum(np.asarray(arr)):
+                        raise InputError(f"layer '{name}' in {where}: dataset '{ds}' fails its checksum "
+                                         "(the file was changed after ddtd wrote it)",
+                                         hint="re-run `ddtd calibrate`, or restore the store from a copy")
+                    data[ds] = arr
+        except (KeyError, OSError, ValueError) as exc:
+            raise InputError(f"layer '{name}' in {where} cannot be read ({type(exc).__name__}: {exc})",
+                             hint="the store is damaged: re-run `ddtd calibrate`") from exc
+        lm = LayerMoments(
+            xxT=torch.from_numpy(np.asarray(data["xxT"], dtype=np.float64)),
+            x_sum=torch.from_numpy(np.asarray(data["x_sum"], dtype=np.float64)),
+            count=int(data["count"]),
+            meta=meta,
+        )
+        validate_moments(name, lm, where)
+        return lm
 
     def items(self):
         for name in self.names:
@@ -213,10 +301,12 @@ def write_store(path: str | os.PathLike, moments, info: StoreInfo) -> Path:
             f.attrs["skipped"] = json.dumps(info.skipped)
             root = f.create_group("layers")
             for name, lm in (moments.items() if isinstance(moments, dict) else moments):
+                check_interrupt()
                 g = root.create_group(_key(name))
-                g.create_dataset("xxT", data=lm.xxT.detach().cpu().to(torch.float64).numpy())
-                g.create_dataset("x_sum", data=lm.x_sum.detach().cpu().to(torch.float64).numpy())
-                g.create_dataset("count", data=np.int64(lm.count))
+                for ds, arr in (("xxT", lm.xxT.detach().cpu().to(torch.float64).numpy()),
+                                ("x_sum", lm.x_sum.detach().cpu().to(torch.float64).numpy()),
+                                ("count", np.int64(lm.count))):
+                    g.create_dataset(ds, data=arr).attrs["sha256"] = _checksum(np.asarray(arr))
                 for k, v in lm.meta.items():
                     g.attrs[k] = v
     return path
@@ -250,6 +340,21 @@ def merge_stores(paths: list[str | os.PathLike], out: str | os.PathLike) -> Stor
     stores = [CovarianceStore(p) for p in paths]
     for other in stores[1:]:
         _check_compatible(stores[0], other)
+    seen: dict[str, Path] = {}
+    for s in stores:
+        for src in s.info.sources:
+            sid = src.get("id") if isinstance(src, dict) else None
+            if sid is not None and sid in seen:
+                raise InputError(
+                    f"'{s.path}' and '{seen[sid]}' hold the same calibration run (source id {sid[:8]}); merging "
+                    "would count its images twice",
+                    hint="merge stores of different runs only (ddtd info shows each store's sources)")
+            if sid is not None:
+                seen[sid] = s.path
+    resolved = [s.path.resolve() for s in stores]
+    if len(set(resolved)) != len(resolved):
+        raise InputError("the same store is given twice; merging would count its images twice",
+                         hint="pass each store once")
     first = stores[0]
 
     def summed():
