@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
-from .solvers import cp_als, sigma_svd, tucker2
+from .solvers import cp_als, default_damping, sigma_svd, tucker2
 from .solvers.formats import param_count
 
 __all__ = ["MethodConfig", "Method", "Fit", "METHODS", "get_method", "layer_dims", "applicable",
@@ -38,7 +38,7 @@ class MethodConfig:
     max_iter: int = 50
     tol: float = 1e-5
     seed: int = 0
-    damping: float | None = None  # None: 1e-3 for tucker2 / cp, 0 for svd (see damping_for)
+    damping: float | None = None  # None: the solvers' rule, 1e-3 except 0 for svd (damping_for)
     bias_correction: bool | None = None  # b~ = b + (W - W~) mu; default: on for sigma only
     options: dict = field(default_factory=dict)
 
@@ -57,7 +57,9 @@ class MethodConfig:
                              hint=f"keys from {sorted(METHODS)} or 'auto', e.g. {{'lrs': {{'sparsity': 0.5}}}}")
 
     def damping_for(self, method: str) -> float:
-        """Sigma is damped by ``damping * mean(diag(Sigma)) * I`` before fitting.
+        """Sigma is damped by ``damping * mean(diag(Sigma)) * I`` before fitting: ``self.damping``
+        when set, else :func:`ddtd.solvers.default_damping` (``0`` for svd, ``1e-3`` for every
+        other method), the default of the solvers themselves.
 
         The Sigma metric leaves directions with (almost) no input energy unconstrained; the
         closed-form SVD stays a projection of ``W`` there, but ALS factors of Tucker2 / CP can
@@ -67,7 +69,7 @@ class MethodConfig:
         """
         if self.damping is not None:
             return self.damping
-        return 0.0 if method == "svd" else 1e-3
+        return default_damping(method)
 
 
 @dataclass(frozen=True)
@@ -77,8 +79,10 @@ class Fit:
     ``factors``: the builder's arguments (``kind``'s factor list; ``lrs`` / ``sparse``: one
     :class:`ddtd.solvers.lrs.LRSResult`); ``rel_error``: the solver's relative squared error of
     what it fitted; ``history``: its error history; ``info``: method extras for the report
-    (``sensitivity_before`` / ``sensitivity_after`` for CP, ``rank`` / ``nnz`` / ``bytes`` for
-    low-rank + sparse).
+    (every method: ``damping``, ``norm_ratio = ||W~||_F / ||W||_F`` and ``identity_error =
+    ||W - W~||_F / ||W||_F`` of the solver's result, see :func:`ddtd.solvers.fit_diagnostics`
+    and :func:`ddtd.solvers.norm_growth_warning`; ``sensitivity_before`` /
+    ``sensitivity_after`` for CP, ``rank`` / ``nnz`` / ``bytes`` for low-rank + sparse).
     """
 
     factors: list
@@ -141,16 +145,25 @@ def _options(cfg: MethodConfig, method: str) -> dict:
     return dict(cfg.options.get(method, {}))
 
 
+#: the keys of a solver result's ``info`` that every :class:`Fit` carries
+DIAGNOSTICS = ("damping", "norm_ratio", "identity_error")
+
+
+def _diagnostics(res) -> dict:
+    info = getattr(res, "info", None) or {}
+    return {k: info[k] for k in DIAGNOSTICS if k in info}
+
+
 def _svd(weight, sigma, ranks, cfg: MethodConfig, name):
     r = sigma_svd(weight, sigma, int(ranks), damping=cfg.damping_for("svd") if sigma is not None else 0.0, name=name)
-    return Fit([r.A, r.B], r.rel_error, [r.rel_error])
+    return Fit([r.A, r.B], r.rel_error, [r.rel_error], _diagnostics(r))
 
 
 def _tucker2(weight, sigma, ranks, cfg: MethodConfig, name):
     r = tucker2(weight, sigma, tuple(ranks), max_iter=cfg.max_iter, tol=cfg.tol, seed=cfg.seed,
                 damping=cfg.damping_for("tucker2") if sigma is not None else 0.0, name=name,
                 **_options(cfg, "tucker2"))
-    return Fit([r.U, r.core, r.V], r.rel_error, list(r.history))
+    return Fit([r.U, r.core, r.V], r.rel_error, list(r.history), _diagnostics(r))
 
 
 def _cp_factors(r, layout):
@@ -167,7 +180,7 @@ def _cp(layout):
         factors = _cp_factors(r, layout)
         ss = sensitivity(*balance(*factors))
         return Fit(factors, r.rel_error, list(r.history),
-                   {"sensitivity_before": ss, "sensitivity_after": ss})
+                   {"sensitivity_before": ss, "sensitivity_after": ss, **_diagnostics(r)})
 
     return solve
 
@@ -189,7 +202,7 @@ def _stable_cp(layout):
         return Fit(_cp_factors(r, layout), r.rel_error, list(r.history),
                    {"sensitivity_before": float(r.sensitivity_before),
                     "sensitivity_after": float(r.sensitivity_after),
-                    "cp_als_error": float(init.rel_error)})
+                    "cp_als_error": float(init.rel_error), **_diagnostics(r)})
 
     return solve
 
@@ -200,9 +213,8 @@ def _groups_of(weight, sigma):
 
 def _lrs_sigma(sigma, damping: float = 0.0):
     """Squeeze a single group's ``(1, D, D)`` covariance to ``(D, D)``, damped by
-    ``damping * mean(diag) * I`` per group (the sparse values are solved exactly in this
-    metric: undamped, directions the few calibration samples never excite are free, and the fit
-    overfits them)."""
+    ``damping * mean(diag) * I`` per group (the metric of the held-out comparison of the
+    ``select`` option; the solvers damp their own Sigma with the same rule)."""
     if sigma is None:
         return None
     if damping > 0:
@@ -216,7 +228,7 @@ def _lrs_sigma(sigma, damping: float = 0.0):
 
 def _lrs_info(res) -> dict:
     return {"rank": list(res.rank), "nnz": int(res.nnz), "bytes": int(res.nbytes()),
-            "lowrank": res.lowrank}
+            "lowrank": res.lowrank, **_diagnostics(res)}
 
 
 def relative_sigma_error(weight, approx, sigma) -> float:
@@ -242,8 +254,9 @@ def _lrs(weight, sigma, budget, cfg: MethodConfig, name):
     kw = {k: opts[k] for k in ("mode", "init", "lowrank", "candidates", "switch_tol") if k in opts}
     iters = int(opts.get("iters", min(cfg.max_iter, 10)))
     groups = opts.get("groups")
-    sig = _lrs_sigma(sigma, cfg.damping_for("lrs"))
+    sig = _lrs_sigma(sigma)
     extra = {"groups": groups} if groups else {}
+    kw["damping"] = cfg.damping_for("lrs") if sigma is not None else 0.0
     lowrank = kw.pop("lowrank", "svd")
     sparsity = opts.get("sparsity")
     budget = int(budget)
@@ -252,7 +265,8 @@ def _lrs(weight, sigma, budget, cfg: MethodConfig, name):
     if sparsity is None and opts.get("select") is not None:
         # split chosen by the error on held-out images (the calibration error of a sparse part
         # solved exactly in Sigma is optimistic where samples are few per input dimension)
-        sig_fit, sig_held = (_lrs_sigma(x, cfg.damping_for("lrs")) for x in opts["select"])
+        sig_fit = _lrs_sigma(opts["select"][0])          # the solver damps it (kw["damping"])
+        sig_held = _lrs_sigma(opts["select"][1], cfg.damping_for("lrs"))
         split_iter = int(opts.get("split_iter", 3))
         best = None
         for f in opts.get("fractions", (0.0, 0.25, 0.5, 0.75, 1.0)):
@@ -302,7 +316,8 @@ def _sparse(weight, sigma, budget, cfg: MethodConfig, name):
     nnz = min(int(budget) // (1 + L.INDEX_UNITS), T * D)
     extra = {"groups": opts["groups"]} if opts.get("groups") else {}
     fn = L.sigma_prune if sigma is not None else L.magnitude_prune
-    res = fn(weight, _lrs_sigma(sigma, cfg.damping_for("sparse")), nnz, name=name, **extra)
+    res = fn(weight, _lrs_sigma(sigma), nnz, name=name, **extra,
+             damping=cfg.damping_for("sparse") if sigma is not None else 0.0)
     return Fit([res], res.rel_error, list(res.history), _lrs_info(res))
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 from .atomic import atomic_path
 from .pipeline import Report
 from .errors import InputError
+from .solvers import NORM_GROWTH_WARN, norm_growth_warning
 
-__all__ = ["format_report", "write_json", "plot_accuracy"]
+__all__ = ["format_report", "growth_warnings", "write_json", "plot_accuracy"]
 
 
 def _fmt_ranks(r) -> str:
@@ -36,21 +37,44 @@ def _sensitivity(r) -> str:
     return f"{b:.3g}->{a:.3g}" if b is not None and b != a else f"{a:.3g}"
 
 
+def _norm_ratio(r) -> str:
+    """``||W~||_F / ||W||_F`` of the solver's fit (``info['norm_ratio']``), ``!`` appended above
+    :data:`ddtd.solvers.NORM_GROWTH_WARN`; ``-`` where the row has none."""
+    ratio = (getattr(r, "info", None) or {}).get("norm_ratio")
+    if ratio is None:
+        return "-"
+    return f"{ratio:.2f}" + ("!" if ratio > NORM_GROWTH_WARN else "")
+
+
+def growth_warnings(report: Report, threshold: float = NORM_GROWTH_WARN) -> list[str]:
+    """One :func:`ddtd.solvers.norm_growth_warning` message per layer whose fitted weights grew
+    beyond ``threshold`` times the original's Frobenius norm."""
+    out = []
+    for r in report.layers:
+        msg = norm_growth_warning(getattr(r, "info", None) or {}, r.name, threshold)
+        if msg:
+            out.append(msg)
+    return out
+
+
 def _num(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else (f"{n / 1e3:.1f}k" if n >= 1e3 else str(n))
 
 
 def format_report(report: Report) -> str:
     """Per-layer table (method, ranks, parameters and multiply-adds before / after, Sigma and
-    weight errors, CP sensitivity before / after) and totals.  Parameters of low-rank + sparse
-    layers count their int32 indices too (one 4-byte unit each)."""
+    weight errors, the fit's norm ratio ``||W~||_F / ||W||_F`` flagged with ``!`` above
+    :data:`ddtd.solvers.NORM_GROWTH_WARN`, CP sensitivity before / after) and totals, then one
+    warning line per flagged layer.  Parameters of low-rank + sparse layers count their int32
+    indices too (one 4-byte unit each)."""
     rows = [("layer", "type", "method", "ranks", "params", "-> after", "MACs", "-> after",
-             "Sigma err", "weight err", "sensitivity", "note")]
+             "Sigma err", "weight err", "|W~|/|W|", "sensitivity", "note")]
     for r in report.layers:
         rows.append((r.name, r.type, r.method, _fmt_ranks(_shown_ranks(r)), _num(r.params_before),
                      _num(r.params_after), _num(r.macs_before), _num(r.macs_after),
                      "-" if r.sigma_error is None else f"{r.sigma_error:.4f}",
-                     "-" if r.weight_error is None else f"{r.weight_error:.4f}", _sensitivity(r), r.note))
+                     "-" if r.weight_error is None else f"{r.weight_error:.4f}", _norm_ratio(r),
+                     _sensitivity(r), r.note))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "-" * len(lines[0]))
@@ -64,6 +88,7 @@ def format_report(report: Report) -> str:
     )
     if report.seconds:
         lines.append("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items()))
+    lines.extend("warning: " + msg for msg in growth_warnings(report))
     return "\n".join(lines)
 
 

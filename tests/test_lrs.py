@@ -1,5 +1,6 @@
 """Low-rank + sparse solver (ddtd.solvers.lrs) and its layer (ddtd.layers.sparse)."""
 
+import functools
 import io
 
 import pytest
@@ -9,12 +10,19 @@ from torch import nn
 from ddtd.errors import InputError
 from ddtd.layers.builders import dense_forward
 from ddtd.layers.sparse import LowRankSparse
-from ddtd.solvers.lrs import (INDEX_UNITS, lowrank_sparse, magnitude_prune, sigma_prune,
-                              solve_rows, split_budget, storage_units)
+from ddtd.solvers import lrs as _lrs
+from ddtd.solvers.lrs import INDEX_UNITS, solve_rows, storage_units
 from ddtd.solvers.svd import sigma_svd
 from ddtd.solvers.synthetic import activation_patches, structured_kernel
 
 F64 = torch.float64
+
+# These tests check the maths in the Sigma they pass: undamped unless a test says otherwise
+# (the solvers' default damping is tested in test_solver_numerics.py).
+lowrank_sparse = functools.partial(_lrs.lowrank_sparse, damping=0.0)
+magnitude_prune = functools.partial(_lrs.magnitude_prune, damping=0.0)
+sigma_prune = functools.partial(_lrs.sigma_prune, damping=0.0)
+split_budget = functools.partial(_lrs.split_budget, damping=0.0)
 
 
 def aniso_sigma(D, seed, cond=1e3):

@@ -4,6 +4,7 @@ degenerate CP, Sigma / Frobenius / block paths, groups, errors."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -12,12 +13,19 @@ import scipy.optimize
 import torch
 
 from ddtd.errors import InputError, NumericalError
-from ddtd.solvers import CPResult, cp_als
+from ddtd.solvers import CPResult
+from ddtd.solvers import cp_als as _cp_als
+from ddtd.solvers import stable_cp as _stable_cp
 from ddtd.solvers.cp import khatri_rao
 from ddtd.solvers.stable_cp import (StableCPResult, _Group, _secular, balance,
-                                    ellipsoid_least_norm, sensitivity, stable_cp)
+                                    ellipsoid_least_norm, sensitivity)
 
 F64 = torch.float64
+
+# These tests check the maths in the Sigma they pass: undamped (the solvers' default damping is
+# tested in test_solver_numerics.py).
+cp_als = functools.partial(_cp_als, damping=0.0)
+stable_cp = functools.partial(_stable_cp, damping=0.0)
 
 
 def randn(*shape, seed=0):
@@ -64,8 +72,9 @@ def check_run(res, W, S, base):
     d2 = res.delta ** 2
     for h in res.history:
         assert h * base <= d2 * (1 + 1e-6) + 1e-14 * base
-    for h in res.history[1:]:
+    for h in res.history[1:-1]:                 # the sweeps; the last entry: after the finish
         assert h * base >= d2 * (1 - 1e-6)
+    assert res.history[-1] == res.rel_error
     sh = res.sensitivity_history
     assert all(b <= a * (1 + 1e-12) for a, b in zip(sh, sh[1:]))
     assert res.sensitivity_after <= res.sensitivity_before * (1 + 1e-12)

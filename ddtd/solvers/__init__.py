@@ -12,8 +12,15 @@ Public functions:
 
 ``SOLVERS`` maps a format name to its solver; all share the call
 ``SOLVERS[fmt](weight, sigma, rank, **options)``.
+
+One damping rule (:func:`default_damping`): every solver fits ``Sigma + damping *
+mean(diag(Sigma)) * I`` with ``damping`` defaulting to :data:`DAMPING` (``1e-3``), the Sigma-SVD
+to ``0``.  Every result has an ``info`` dict with ``damping``, ``norm_ratio`` and
+``identity_error`` (:func:`fit_diagnostics`); :func:`norm_growth_warning` turns a norm ratio above
+:data:`NORM_GROWTH_WARN` into a message for the caller's log.
 """
 
+from ._common import DAMPING, NORM_GROWTH_WARN, default_damping, fit_diagnostics, norm_growth_warning
 from .cp import CPResult, cp3, cp4, cp_als, khatri_rao
 from .formats import FORMATS, param_count, rank_for_budget, rank_for_ratio
 from .svd import SVDResult, sigma_svd, sigma_svd_cross
@@ -34,5 +41,6 @@ __all__ = [
     "param_count", "rank_for_budget", "rank_for_ratio",
     "StableCPResult", "balance", "ellipsoid_least_norm", "sensitivity", "stable_cp", "stable_cp3", "stable_cp4",
     "LRSResult", "lowrank_sparse", "magnitude_prune", "sigma_prune", "solve_rows", "split_budget",
-    "storage_units",
+    "storage_units", "DAMPING", "NORM_GROWTH_WARN", "default_damping", "fit_diagnostics",
+    "norm_growth_warning",
 ]

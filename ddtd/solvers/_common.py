@@ -10,10 +10,21 @@ Conventions (all solvers):
 * Objective: ``err(W~) = trace((W - W~) Sigma (W - W~)^T)``; every error a solver reports is the
   *relative squared* Sigma error ``err(W~) / trace(W Sigma W^T)``.
 
-Precision policy: Gram matrices, ``R x R`` / ``n R x n R`` solves and eigen-decompositions are done
-in float64; the large products (``Sigma @ M``, MTTKRPs) in ``dtype`` (float32 by default, which is
-safe because every such product feeds a float64 solve whose conditioning is that of the small Gram,
-and the final reported error is recomputed from the explicit residual ``W - W~``).
+* Damping: ``Sigma`` is replaced by ``Sigma + damping * mean(diag(Sigma)) * I`` (the *objective*
+  Sigma, :func:`prepare_sigma`); the default is :func:`default_damping` of the method
+  (:data:`DAMPING` = ``1e-3`` for every solver but the Sigma-SVD, ``0`` for it).
+* Every result carries ``info`` with ``damping``, ``norm_ratio = ||W~||_F / ||W||_F`` and
+  ``identity_error = ||W - W~||_F / ||W||_F`` (:func:`fit_diagnostics`).
+
+Precision policy.  Every error a solver reports, in its history too, is the error of factors
+exactly as it returns them (rounded to ``dtype``), measured in float64 with the objective Sigma:
+either from the explicit residual or from float64 terms ``trace(W S W^T) - 2 trace(W~ S W^T) +
+trace(W~ S W~^T)`` whose products with Sigma are float64 (:func:`error_from_terms`, which falls back
+to the residual when the subtraction would lose digits).  Which iterate is returned, and when
+the iterations stop, are decided on these numbers.  Gram matrices, ``R x R`` / ``n R x n R``
+solves and eigen-decompositions are float64; the products that only steer an update (the
+conjugate-gradient operator of an input factor) run in ``dtype`` (float32 by default): an
+inexact update can only make an iterate worse, which the exact error then shows.
 """
 
 from __future__ import annotations
@@ -32,6 +43,18 @@ F64 = torch.float64
 #: Relative floor added to Sigma (times its mean diagonal) by the iterative solvers, see
 #: :func:`prepare_sigma`.
 EPS_REL = 1e-10
+
+#: The damping rule, relative to ``mean(diag(Sigma))``: every solver but the Sigma-SVD fits
+#: ``trace((W - W~) (Sigma + DAMPING * mean(diag(Sigma)) * I) (W - W~)^T)`` unless told
+#: otherwise; see :func:`default_damping`.
+DAMPING = 1e-3
+
+#: ``||W~||_F / ||W||_F`` above which :func:`norm_growth_warning` warns.
+NORM_GROWTH_WARN = 2.0
+
+#: An error written as ``base - 2 cross + quad`` is recomputed from the explicit residual when it
+#: falls below this fraction of ``base + quad`` (cancellation would cost digits).
+CANCEL = 1e-5
 
 
 @contextlib.contextmanager
@@ -377,3 +400,105 @@ class BestIterate:
             self.converged = rel <= 1e-15
             return True
         return False
+
+
+# ----------------------------------------------------------------------------- damping rule
+
+
+def default_damping(method: str) -> float:
+    """The damping a solver applies by default, relative to ``mean(diag(Sigma))``.
+
+    ``0`` for the Sigma-SVD (``method='svd'``): its closed form ``W~ = U U^T W`` projects ``W``,
+    so it cannot grow along directions the data never excites.  :data:`DAMPING` (``1e-3``) for
+    every other method (``tucker2``, ``cp3`` / ``cp4``, their ``-stable`` variants, ``lrs``,
+    ``sparse``): their factors are solved from the normal equations of Sigma, which leave those
+    directions free, and undamped fits grew the weights several times over (see
+    :func:`fit_diagnostics`).  The solvers' ``damping`` defaults and
+    :meth:`ddtd.methods.MethodConfig.damping_for` both come from here.
+    """
+    return 0.0 if method == "svd" else DAMPING
+
+
+# ----------------------------------------------------------------------------- exact errors
+
+
+def rounded(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` rounded to ``dtype`` and back to float64: the value a returned factor will have."""
+    return x.to(dtype).to(F64)
+
+
+def error_from_terms(base: float, cross: float, quad: float, residual: Callable[[], float]) -> float:
+    """``trace(dW S dW^T) = base - 2 cross + quad`` with ``base = trace(W S W^T)``,
+    ``cross = trace(W~ S W^T)``, ``quad = trace(W~ S W~^T)`` (float64 terms).
+
+    When the result is below :data:`CANCEL` times ``base + quad`` the subtraction has lost too
+    many digits and ``residual()`` (the error from the explicit residual) is returned instead.
+    """
+    err = base - 2.0 * cross + quad
+    if not err >= CANCEL * (abs(base) + abs(quad)):
+        err = residual()
+    return max(float(err), 0.0)
+
+
+# ----------------------------------------------------------------------------- diagnostics
+
+
+def _as_rows(x: torch.Tensor, T: int) -> torch.Tensor:
+    return x.reshape(T, -1).to(F64)
+
+
+def fit_diagnostics(weight: torch.Tensor, approx: torch.Tensor,
+                    sigma: torch.Tensor | None = None) -> dict:
+    """How far a fit strayed from the weight outside the metric it was fitted in.
+
+    Args:
+        weight: ``W``, ``(T, D)`` or a conv kernel ``(T, S/g, kh, kw)``.
+        approx: ``W~`` with ``T * D`` elements in the same order (a grouped result's
+            ``(g, T/g, ...)`` stack included).
+        sigma: optional ``(D, D)`` or ``(g, D_g, D_g)`` metric (rows of group ``i`` are
+            ``[i T/g, (i+1) T/g)``).
+
+    Returns:
+        ``{"norm_ratio": ||W~||_F / ||W||_F, "identity_error": ||W - W~||_F / ||W||_F}``
+        (the relative Frobenius error, i.e. the error with Sigma replaced by the identity; not
+        squared), plus ``"sigma_error"`` (relative squared, ``sum_g trace(dW_g S_g dW_g^T) /
+        sum_g trace(W_g S_g W_g^T)``) when ``sigma`` is given.  A Sigma fit reproduces ``W``
+        only on the directions the data excites; a ``norm_ratio`` well above 1 means the rest
+        of ``W~`` grew, which amplifies inputs unlike the calibration set.
+    """
+    T = weight.shape[0]
+    W = _as_rows(weight, T)
+    A = _as_rows(approx, T)
+    if A.shape != W.shape:
+        raise InputError(f"approx has {approx.numel()} elements, the weight {weight.numel()}",
+                         hint="pass W~ in the weight's layout")
+    nw = float(W.norm())
+    out = {"norm_ratio": float(A.norm()) / nw if nw > 0 else math.inf,
+           "identity_error": float((W - A).norm()) / nw if nw > 0 else math.inf}
+    if sigma is not None:
+        s = sigma.to(F64)
+        s3 = s if s.dim() == 3 else s[None]
+        g = s3.shape[0]
+        Wg, Eg = W.reshape(g, T // g, -1), (W - A).reshape(g, T // g, -1)
+        num = float(torch.einsum("gtd,gde,gte->", Eg, s3, Eg))
+        den = float(torch.einsum("gtd,gde,gte->", Wg, s3, Wg))
+        out["sigma_error"] = num / den if den > 0 else 0.0
+    return out
+
+
+def norm_growth_warning(info: dict, name: str | None = None,
+                        threshold: float = NORM_GROWTH_WARN) -> str | None:
+    """A warning message when a fit's ``info["norm_ratio"]`` exceeds ``threshold``, else ``None``.
+
+    ``info``: a solver result's ``info`` (or a report row's); rows without a norm ratio give
+    ``None``.  Meant for the caller's logger: ``msg = norm_growth_warning(res.info, name)``.
+    """
+    ratio = (info or {}).get("norm_ratio")
+    if ratio is None or not ratio > threshold:
+        return None
+    damping = (info or {}).get("damping")
+    dm = f" (damping {damping:g})" if damping is not None else ""
+    return (f"{_where(name)}: the fitted weights have {ratio:.3g}x the Frobenius norm of the "
+            f"original{dm}, above {threshold:g}x: the fit is loose along input directions the "
+            "calibration data barely excites; use the default damping "
+            f"({DAMPING:g}) or larger, or more calibration images")

@@ -34,12 +34,17 @@ explicitly, only ``D x R``) and ``X = A^T W`` (``R x D``); all input-mode MTTKRP
 cheap contractions of ``X`` (``X`` does not depend on the input factors; after ``B`` is
 updated, ``Z = sum_s X[:, s, ...] B[s, :]`` serves the spatial modes).
 
-The error is evaluated after each ``A`` update (where it is ``base - <A, W Sigma M>``); all
-updates are exact minimisations, so the history is non-increasing; the best iterate is kept.
+The error is evaluated after each ``A`` update, for ``A`` rounded to ``dtype`` and the input
+factors as stored (in ``dtype``): ``trace(W S W^T) - 2 <A, W S M> + <A^T A, M^T S M>`` with
+``S M`` recomputed in float64 for that iterate (``S`` the objective Sigma; Frobenius:
+``M^T M`` = the Hadamard product of the Grams).  All updates are minimisations (the CG ones
+up to their tolerance in ``dtype``); the iterate of least exact error is returned and the
+history is the running best of that error.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -48,9 +53,10 @@ import torch
 
 from ddtd.errors import InputError
 
-from ._common import (BestIterate, eigh, qr, EPS_REL, F64, _where, check_finite, combine_histories, diverged, frob_sq,
-                      pcg, prepare_sigma, resolve_device_dtype, sigma_error,
-                      spd_solve, split_groups)
+from ._common import (BestIterate, eigh, qr, EPS_REL, F64, _where, check_finite, combine_histories,
+                      default_damping, diverged, error_from_terms, fit_diagnostics, frob_sq, pcg,
+                      prepare_sigma, resolve_device_dtype, rounded, sigma_error, spd_solve,
+                      split_groups)
 
 
 @dataclass(frozen=True)
@@ -65,10 +71,14 @@ class CPResult:
         E: ``cp4``: ``(kw, R)``; ``None`` for ``cp3``.
         Grouped layers: every factor gets a leading group dim ``g`` (``A (g, T/g, R)`` ...).
         kernel_size: ``(kh, kw)``.
-        rel_error: final relative squared Sigma error, from the explicit residual.
-        history: best-so-far relative squared Sigma error after each iteration (non-increasing).
-        raw_history: error of each iterate (non-increasing up to rounding).
+        rel_error: relative squared error ``trace(dW S dW^T) / trace(W S W^T)`` of the returned
+            factors (``S`` = the damped Sigma, the identity for Frobenius) = ``history[-1]``.
+        history: the best relative error among the iterates so far, after each iteration
+            (non-increasing); every entry is the exact (float64) error of an iterate whose
+            factors are rounded to ``dtype``, and the returned factors are that of the last.
+        raw_history: error of each iterate, same measure.
         n_iter, converged, seconds, groups: as in the other results.
+        info: ``damping``, ``norm_ratio``, ``identity_error`` (:func:`ddtd.solvers.fit_diagnostics`).
     """
 
     layout: str
@@ -84,6 +94,7 @@ class CPResult:
     converged: bool = False
     seconds: float = 0.0
     groups: int = 1
+    info: dict = field(default_factory=dict)
 
     def kernel(self) -> torch.Tensor:
         """Approximated kernel ``(T, S, kh, kw)`` (grouped: ``(g, T/g, S/g, kh, kw)``)."""
@@ -164,12 +175,15 @@ def _als_frobenius(W, dims, A, facs, max_iter, tol, dt, name):
     it = 0
     for it in range(1, max_iter + 1):
         grams = [f.T.to(F64) @ f.to(F64) for f in facs]
-        M = khatri_rao(facs)
-        MT = (Wd @ M).to(F64)
-        A = spd_solve(_grams_hadamard(grams), MT, right=True)
+        M64 = khatri_rao([f.to(F64) for f in facs])
+        MT = W @ M64                                                   # (T, R) float64
+        G = _grams_hadamard(grams)                                     # M^T M
+        A = spd_solve(G, MT, right=True)
         _check(A, name, it)
-        err = max(base - float((A * MT).sum()), 0.0)
-        if track.step(err / base, it, lambda: (A.clone(), [f.clone() for f in facs])):
+        Ar = rounded(A, dt)
+        err = error_from_terms(base, float((Ar * MT).sum()), float(((Ar.T @ Ar) * G).sum()),
+                               lambda: frob_sq(W - Ar @ M64.T))
+        if track.step(err / base, it, lambda: (Ar, [f.clone() for f in facs])):
             break
         AtA = A.T @ A
         X = (A.to(dt).T @ Wd).reshape(-1, dims[0], D // dims[0])     # (R, S, rest)
@@ -203,7 +217,7 @@ def _als_frobenius(W, dims, A, facs, max_iter, tol, dt, name):
             grams[k] = F.T @ F
             AtA = A.T @ A
     A, facs = track.best
-    return A, facs, track.history, track.raw, it, track.converged
+    return A, facs, track.history, track.raw, it, track.converged, base
 
 
 class _SigmaModes:
@@ -256,30 +270,41 @@ def _contract_except(Y, facs, dims, k):
     return (Yk * Mk[None]).sum(1)
 
 
-def _als_sigma(W, Sg, dims, A, facs, max_iter, tol, cg_tol, cg_max_iter, cg_energy_tol,
+def _als_sigma(W, s_obj, Sg, dims, A, facs, max_iter, tol, cg_tol, cg_max_iter, cg_energy_tol,
                direct_max, dt, name):
+    """Sigma-ALS (module docstring) on ``W (T, D)`` float64: ``s_obj`` the objective Sigma, ``Sg``
+    the solve Sigma (``s_obj`` plus the floor), both float64.
+
+    Each iteration starts with ``Sigma M`` in float64 for the current (``dt``) input factors, the
+    float64 ``A`` step and the exact error of ``(A rounded to dt, input factors)`` from float64
+    terms; the input-factor updates then run with products in ``dt``.
+    """
     T, D = W.shape
     m = len(dims)
     R = facs[0].shape[1]
-    Wd = W.to(dt)
     modes = _SigmaModes(Sg, dims, R, dt, direct_max)
     Sd = modes.S
-    WS = Wd @ Sd
-    WSt = WS.T.contiguous()
-    base = float((WS.to(F64) * W.to(F64)).sum())
+    floor = float((torch.diagonal(Sg) - torch.diagonal(s_obj)).mean())
+    WSo = W @ s_obj                                       # (T, D) objective, float64
+    base = float((WSo * W).sum())
+    WSt = (WSo + floor * W).T.to(dt).contiguous()         # (W Sigma_solve)^T in dt
     facs = [f.to(dt) for f in facs]
-    M = khatri_rao(facs)
-    SM = Sd @ M
     track = BestIterate(tol, max_iter, name, "CP-ALS-Sigma")
     it = 0
     for it in range(1, max_iter + 1):
-        WSM = (WS @ M).to(F64)
-        MSM = (M.T @ SM).to(F64)
-        A = spd_solve(MSM, WSM, right=True)
+        M64 = khatri_rao([f.to(F64) for f in facs])
+        SMo = s_obj @ M64                                 # float64, objective
+        WSM = WSo @ M64
+        MSM = M64.T @ SMo
+        MSM = 0.5 * (MSM + MSM.T)
+        A = spd_solve(MSM + floor * (M64.T @ M64), WSM + floor * (W @ M64), right=True)
         _check(A, name, it)
-        err = max(base - float((A * WSM).sum()), 0.0)
-        if track.step(err / base, it, lambda: (A.clone(), [f.clone() for f in facs])):
+        Ar = rounded(A, dt)
+        err = error_from_terms(base, float((Ar * WSM).sum()), float(((Ar.T @ Ar) * MSM).sum()),
+                               lambda: sigma_error(W - Ar @ M64.T, s_obj, F64))
+        if track.step(err / base, it, lambda: (Ar, [f.clone() for f in facs])):
             break
+        SM = (SMo + floor * M64).to(dt)                   # Sigma_solve M, kept current below
         SWA = WSt @ A.to(dt)                                  # Sigma W^T A (D, R)
         for k in range(m):
             AtA = A.T @ A
@@ -297,7 +322,8 @@ def _als_sigma(W, Sg, dims, A, facs, max_iter, tol, cg_tol, cg_max_iter, cg_ener
                 _check(F, name, it)
                 F, A, s = _normalise(F, A)
                 Fd = F.to(dt)
-                SM = torch.einsum("jdr,jr->dr", Y, Fd)
+                if k < m - 1:           # the last mode's Sigma M is recomputed in float64
+                    SM = torch.einsum("jdr,jr->dr", Y, Fd)
             else:
                 others = [facs[l] for l in range(m) if l != k]
                 Mk = khatri_rao(others)
@@ -315,15 +341,11 @@ def _als_sigma(W, Sg, dims, A, facs, max_iter, tol, cg_tol, cg_max_iter, cg_ener
                 _check(F, name, it)
                 F, A, s = _normalise(F.to(F64), A)
                 Fd = F.to(dt)
-                if k == m - 1:      # refresh: no drift from the CG recursions into the A step
-                    SM = Sd @ khatri_rao(facs[:k] + [Fd])
-                else:
-                    SM = SM / s.to(dt)
+                SM = SM / s.to(dt)
             facs[k] = Fd
             SWA = SWA * s.to(dt)
-        M = khatri_rao(facs)
     A, facs = track.best
-    return A, facs, track.history, track.raw, it, track.converged
+    return A, facs, track.history, track.raw, it, track.converged, base
 
 
 def _cp_one(weight, sigma, rank, layout, max_iter, tol, seed, init, damping, eps_rel, cg_tol,
@@ -351,22 +373,19 @@ def _cp_one(weight, sigma, rank, layout, max_iter, tol, seed, init, damping, eps
         facs = [f.to(device=dev, dtype=F64) for f in init]
     elif init == "frobenius" or (init == "auto" and s_obj is not None):
         facs = _init_factors(W, dims, R, "svd", seed, dev, dt)
-        _, facs, _, _, _, _ = _als_frobenius(W, dims, A0, facs, init_iter, 0.0, dt, name)
+        facs = _als_frobenius(W, dims, A0, facs, init_iter, 0.0, dt, name)[1]
         facs = [f.to(F64) for f in facs]
     else:
         facs = _init_factors(W, dims, R, "svd" if init == "auto" else init, seed, dev, dt)
     if s_obj is None:
-        A, facs, hist, raw, it, conv = _als_frobenius(W, dims, A0, facs, max_iter, tol, dt, name)
+        A, facs, hist, raw, it, conv, base = _als_frobenius(W, dims, A0, facs, max_iter, tol, dt,
+                                                            name)
     else:
         ct = cg_tol if cg_tol is not None else (1e-10 if dt == F64 else 1e-6)
-        A, facs, hist, raw, it, conv = _als_sigma(W, s_solve, dims, A0, facs, max_iter, tol, ct,
-                                                  cg_max_iter, cg_energy_tol, direct_max, dt, name)
-    A = A.to(F64)
-    facs = [f.to(F64) for f in facs]
-    What = A @ khatri_rao(facs).T
-    base = sigma_error(W, s_obj, F64 if s_obj is None else dt)
-    err = sigma_error(W - What, s_obj, F64 if s_obj is None else dt)
-    rel = err / base if base > 0 else 0.0
+        A, facs, hist, raw, it, conv, base = _als_sigma(W, s_obj, s_solve, dims, A0, facs,
+                                                        max_iter, tol, ct, cg_max_iter,
+                                                        cg_energy_tol, direct_max, dt, name)
+    rel = hist[-1]
     if not math.isfinite(rel):
         raise diverged(name, "CP-ALS", "non-finite final error")
     res = dict(layout=layout, A=A.to(dt), B=facs[0].to(dt), C=facs[1].to(dt),
@@ -378,7 +397,8 @@ def _cp_one(weight, sigma, rank, layout, max_iter, tol, seed, init, damping, eps
 
 def cp_als(weight: torch.Tensor, sigma: torch.Tensor | None, rank: int, *, layout: str = "cp3",
            max_iter: int = 100, tol: float = 1e-6, seed: int = 0, init="auto",
-           damping: float = 0.0, eps_rel: float = EPS_REL, cg_tol: float | None = None,
+           damping: float = default_damping("cp3"), eps_rel: float = EPS_REL,
+           cg_tol: float | None = None,
            cg_max_iter: int = 5, cg_energy_tol: float = 1e-4, direct_max: int = 4096,
            init_iter: int = 10,
            groups: int | None = None, device=None, dtype: torch.dtype | None = None,
@@ -398,7 +418,11 @@ def cp_als(weight: torch.Tensor, sigma: torch.Tensor | None, rank: int, *, layou
             ``'svd'``; measured on activation covariances: lower Sigma error after every
             iteration and ~1/3 fewer CG steps than ``'svd'``), or a list of input factors
             ``[B, C]`` / ``[B, C, E]``.
-        damping, eps_rel: see :func:`ddtd.solvers._common.prepare_sigma`.
+        damping: fit in ``Sigma + damping * mean(diag(Sigma)) * I`` (the objective; every
+            reported error uses it).  Default ``DAMPING = 1e-3`` (:func:`ddtd.solvers.default_damping`,
+            the pipeline's rule): undamped, directions Sigma barely excites are free and CP
+            factors grow along them (``info['norm_ratio']``).  Ignored for Frobenius.
+        eps_rel: solver floor, see :func:`ddtd.solvers._common.prepare_sigma`.
         cg_tol, cg_max_iter, cg_energy_tol: CG rule for input modes with ``n_k R > direct_max``:
             stop at relative residual ``cg_tol`` (default 1e-6 float32 / 1e-10 float64), or when
             a CG step lowers the layer's Sigma error by less than ``cg_energy_tol`` times its
@@ -410,7 +434,9 @@ def cp_als(weight: torch.Tensor, sigma: torch.Tensor | None, rank: int, *, layou
             error 0.3% higher after 10 iterations; pass ``cg_max_iter=50, cg_energy_tol=0`` for
             tight solves.
         direct_max: modes with ``n_k * R <= direct_max`` unknowns are solved directly.
-        groups, device, dtype, name: as in :func:`ddtd.solvers.tucker2`.
+        groups, device, name: as in :func:`ddtd.solvers.tucker2`.
+        dtype: of the returned factors and of the input-factor updates (float32 default); the
+            ``A`` step, ``Sigma M`` of each iterate and every reported error are float64.
 
     Returns:
         :class:`CPResult`.
@@ -420,10 +446,11 @@ def cp_als(weight: torch.Tensor, sigma: torch.Tensor | None, rank: int, *, layou
     outs = [_cp_one(w, s, rank, layout, max_iter, tol, seed, init, damping, eps_rel, cg_tol,
                     cg_max_iter, cg_energy_tol, direct_max, init_iter, dev, dt, name)
             for w, s in zip(gs.weights, gs.sigmas)]
+    d = damping if sigma is not None else 0.0
     if gs.groups == 1:
-        return CPResult(**outs[0][0], groups=1)
+        return with_info(CPResult(**outs[0][0], groups=1), weight, d)
     rs, bases = [o[0] for o in outs], [o[1] for o in outs]
-    return CPResult(
+    return with_info(CPResult(
         layout=layout, A=torch.stack([r["A"] for r in rs]), B=torch.stack([r["B"] for r in rs]),
         C=torch.stack([r["C"] for r in rs]),
         E=torch.stack([r["E"] for r in rs]) if layout == "cp4" else None,
@@ -432,7 +459,16 @@ def cp_als(weight: torch.Tensor, sigma: torch.Tensor | None, rank: int, *, layou
         history=combine_histories([r["history"] for r in rs], bases),
         raw_history=combine_histories([r["raw_history"] for r in rs], bases),
         n_iter=max(r["n_iter"] for r in rs), converged=all(r["converged"] for r in rs),
-        seconds=sum(r["seconds"] for r in rs), groups=gs.groups)
+        seconds=sum(r["seconds"] for r in rs), groups=gs.groups), weight, d)
+
+
+def with_info(res: CPResult, weight: torch.Tensor, damping: float) -> CPResult:
+    """``res`` with ``info = {"damping": damping, **fit_diagnostics(weight, W~)}`` (``W~`` rebuilt
+    from the factors in float64)."""
+    r64 = dataclasses.replace(res, A=res.A.to(F64), B=res.B.to(F64), C=res.C.to(F64),
+                              E=None if res.E is None else res.E.to(F64))
+    return dataclasses.replace(res, info={"damping": float(damping),
+                                          **fit_diagnostics(weight, r64.kernel())})
 
 
 def cp3(weight, sigma, rank, **kw) -> CPResult:

@@ -116,8 +116,8 @@ import torch
 
 from ddtd.errors import InputError
 
-from ._common import (EPS_REL, F64, _where, check_finite, diverged, eigh, prepare_sigma, qr,
-                      resolve_device_dtype, spd_solve)
+from ._common import (CANCEL, EPS_REL, F64, _where, check_finite, default_damping, diverged, eigh,
+                      fit_diagnostics, prepare_sigma, qr, resolve_device_dtype, rounded, spd_solve)
 from .svd import sigma_svd
 
 __all__ = ["LRSResult", "lowrank_sparse", "magnitude_prune", "sigma_prune", "solve_rows",
@@ -156,11 +156,15 @@ class LRSResult:
         values: ``(nnz,)`` in the convention of ``mode`` (additive: ``S``; masking: ``S_m``,
             the value that replaces ``L`` on the mask).
         mode: ``'additive'`` or ``'masking'``.
-        rel_error: final relative squared Sigma error (recomputed from the explicit residual).
+        rel_error: relative squared Sigma error (Sigma damped as asked) of ``W~`` as returned:
+            factors and values in ``dtype`` = ``history[-1]``.
         init_error: relative error of the initialisation.
-        history: best-so-far relative error, ``[init, after round 1, ...]`` (non-increasing).
+        history: best-so-far relative error, ``[init, after round 1, ...]`` (non-increasing);
+            every entry is the exact (float64) error of an iterate whose factors and values are
+            rounded to ``dtype``; the returned one is the iterate of the last entry.
         n_iter, converged, seconds: rounds run, relative decrease fell below ``tol``, wall time.
         groups: the conv's groups (1 for an ordinary layer).
+        info: ``damping``, ``norm_ratio``, ``identity_error`` (:func:`ddtd.solvers.fit_diagnostics`).
     """
 
     shape: tuple
@@ -177,6 +181,7 @@ class LRSResult:
     converged: bool = False
     seconds: float = 0.0
     groups: int = 1
+    info: dict = field(default_factory=dict)
 
     @property
     def shared(self) -> bool:
@@ -514,6 +519,19 @@ def _batched_spd_solve(A: torch.Tensor, b: torch.Tensor, md) -> torch.Tensor:
     return x[..., 0] if vec else x
 
 
+def _sparse_sig_mul(S: torch.Tensor, M: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """``S Sigma`` as :func:`_sig_mul` for ``S`` zero outside the mask ``M``: a sparse product
+    (``nnz D``) for one ``(D, D)`` Sigma, dense per group otherwise."""
+    if sigma.dim() != 2:
+        return _sig_mul(S, sigma)
+    idx = M.nonzero()
+    if idx.shape[0] == 0:
+        return torch.zeros_like(S)
+    sp = torch.sparse_coo_tensor(idx.T, S[idx[:, 0], idx[:, 1]], S.shape, check_invariants=False,
+                                 is_coalesced=True)          # nonzero(): sorted, unique
+    return torch.sparse.mm(sp, sigma)
+
+
 def _err(E: torch.Tensor, sigma: torch.Tensor | None) -> float:
     """``sum_t E_t Sigma_t E_t^T`` in float64 (``trace(E Sigma E^T)`` for one Sigma)."""
     if sigma is None:
@@ -551,13 +569,14 @@ class _LowRank:
         if self.kind == "svd":
             if self.shared:
                 return self._fit_shared(X)
-            res = sigma_svd(X, self.sigma, self.rank[0], groups=self.g, dtype=F64, name=self.name)
+            res = sigma_svd(X, self.sigma, self.rank[0], groups=self.g, damping=0.0, dtype=F64,
+                            name=self.name)
             return (res.A @ res.B).reshape(self.T, self.D), (res.A, res.B)
         from .tucker2 import tucker2
         if self.g == 1:
             init = self.V if self.V is not None else "whitened"
             res = tucker2(X.reshape(self.shape), self.sigma, self.rank, init=init, dtype=F64,
-                          max_iter=self.tucker_iter, tol=1e-7, name=self.name)
+                          damping=0.0, max_iter=self.tucker_iter, tol=1e-7, name=self.name)
             self.V = res.V
             return res.kernel().reshape(self.T, self.D), (res.U, res.core, res.V)
         Tg = self.T // self.g
@@ -566,8 +585,8 @@ class _LowRank:
             init = self.V[k] if self.V is not None else "whitened"
             sk = None if self.sigma is None else self.sigma[k]
             outs.append(tucker2(X[k * Tg:(k + 1) * Tg].reshape(Tg, *self.shape[1:]), sk,
-                                self.rank, init=init, dtype=F64, max_iter=self.tucker_iter,
-                                tol=1e-7, name=self.name))
+                                self.rank, init=init, dtype=F64, damping=0.0,
+                                max_iter=self.tucker_iter, tol=1e-7, name=self.name))
         U, G, V = (torch.stack([getattr(o, a) for o in outs]) for a in ("U", "core", "V"))
         self.V = V
         L = torch.einsum("gta,gabij,gsb->gtsij", U, G, V).reshape(self.T, self.D)
@@ -579,12 +598,12 @@ class _LowRank:
         r, T, D, g = self.rank[0], self.T, self.D, self.g
         s = self.sigma_solve
         if s is None:                                # one metric (I): the plain SVD, closed form
-            res = sigma_svd(X, None, r, dtype=F64, name=self.name)
+            res = sigma_svd(X, None, r, damping=0.0, dtype=F64, name=self.name)
             return res.A @ res.B, (res.A, res.B)
         SX = _sig_mul(X, s)                                        # (T, D) rows x_t Sigma_t
         B = self.B
         if B is None:                              # exact when every channel has the same Sigma
-            B = sigma_svd(X, s.mean(0), r, dtype=F64, name=self.name).B
+            B = sigma_svd(X, s.mean(0), r, damping=0.0, dtype=F64, name=self.name).B
             B = qr(B.T)[0].T
         Tg = T // g
         md = torch.diagonal(s, dim1=-2, dim2=-1).mean(-1)          # (g,)
@@ -630,10 +649,17 @@ class _Steps:
       preconditioned conjugate gradients on all rows at once, started from ``S0`` (the current
       values): CG lowers every row's objective monotonically from its start, so the step is
       still a descent step (not exact).  Error from the tracked ``S Sigma``.
+
+    The iterate is what will be returned: ``lowrank`` rounds the factors to ``dt`` (``L`` and
+    ``Go`` are those of the rounded factors), :meth:`settle` rounds the values (in the
+    convention of ``mode``) and returns the exact float64 error of the result
+    (:meth:`error`); the solver compares, keeps and reports only these errors.
     """
 
-    def __init__(self, W, s_obj, s_solve, lr, row_solver="auto", cg_iter=30):
+    def __init__(self, W, s_obj, s_solve, lr, row_solver="auto", cg_iter=30, dt=F64,
+                 mode="additive"):
         self.W, self.s_obj, self.s_solve, self.lr = W, s_obj, s_solve, lr
+        self.dt, self.mode = dt, mode
         self.row_solver, self.cg_iter = row_solver, max(1, int(cg_iter))
         self.fast = (lr.kind == "svd" and s_obj is not None and s_obj.dim() == 2
                      and lr.g == 1 and not lr.shared)
@@ -654,15 +680,48 @@ class _Steps:
 
     def lowrank(self, X):
         lr = self.lr
+        T, D = self.W.shape
         if not self.fast:
             L, fac = lr.fit(X)
+            if self.dt != F64 and fac:
+                fac = tuple(rounded(f, self.dt) for f in fac)
+                L = _lowrank_matrix(lr.kind, fac, T, D, F64, X.device)
             R = self.W - L
             return L, fac, (R if self.s_obj is None else _sig_mul(R, self.s_obj))
         XS = X @ self.s_obj
         w, V = eigh(XS @ X.T)                                     # ascending
         U = V[:, -lr.rank[0]:].flip(1)
         B = U.T @ X
-        return U @ B, (U, B), self.WS - U @ (U.T @ XS)
+        if self.dt == F64:
+            return U @ B, (U, B), self.WS - U @ (U.T @ XS)
+        U, B = rounded(U, self.dt), rounded(B, self.dt)
+        return U @ B, (U, B), self.WS - U @ (B @ self.s_obj)
+
+    def settle(self, R, Go, M, S, L):
+        """Values ``S`` on ``M`` rounded to ``dt`` as they will be stored (additive: ``S``;
+        masking: ``S + L``, the effective additive part then being ``round(S + L) - L``), and
+        the exact error of ``R - S`` (``R = W - L``, ``Go = R Sigma``)."""
+        if self.dt != F64:
+            zero = torch.zeros((), dtype=F64, device=S.device)
+            if self.mode == "additive":
+                S = torch.where(M, rounded(S, self.dt), zero)
+            else:
+                S = torch.where(M, rounded(S + L, self.dt) - L, zero)
+        return S, self.error(R, Go, S, M)
+
+    def error(self, R, Go, S, M) -> float:
+        """``sum_t (R - S)_t Sigma_t (R - S)_t^T`` in float64 with ``Go = R Sigma`` (objective):
+        ``<Go, R> - 2 <S, Go> + <S Sigma, S>`` (``S Sigma`` a sparse product), from the explicit
+        residual when the subtraction would lose digits."""
+        if self.s_obj is None:
+            E = R - S
+            return float((E * E).sum())
+        rr = float((Go * R).sum())
+        quad = float((_sparse_sig_mul(S, M, self.s_obj) * S).sum())
+        err = rr - 2.0 * float((S * Go).sum()) + quad
+        if not err >= CANCEL * (abs(rr) + abs(quad)):
+            err = _err(R - S, self.s_obj)
+        return max(err, 0.0)
 
     def _affordable(self, M):
         """Factorising ``M``'s ``Sigma_JJ`` costs at most ``cg_iter`` products with Sigma."""
@@ -709,11 +768,11 @@ class _Steps:
                 if Lc is None:
                     continue
                 n, m = idx.shape
-                rr = torch.where(v, r[rows[:, None], idx], torch.zeros((), dtype=F64))
+                rr = torch.where(v, r[rows[:, None], idx], torch.zeros((), dtype=F64, device=r.device))
                 y = _chol_solve(Lc, rr[..., None])[..., 0]
                 keep = v & M[rows[:, None], idx]
                 z[rows[:, None].expand(n, m)[keep], idx[keep]] = y[keep]
-        return torch.where(M, z, torch.zeros((), dtype=F64))
+        return torch.where(M, z, torch.zeros((), dtype=F64, device=z.device))
 
     def _cg(self, R, Go, Gs, M, S0, cache, gap=1e-5):
         """Preconditioned CG on every row's ``Sigma_JJ s_J = (Gs)_J`` from ``S0``, at most
@@ -886,7 +945,7 @@ def lowrank_sparse(weight: torch.Tensor, sigma: torch.Tensor | None, rank, nnz: 
                    lowrank: str = "svd", max_iter: int = 20, tol: float = 1e-6,
                    init_iter: int = 10, tucker_iter: int = 10,
                    candidates: tuple = ("energy", "gradient"), switch_tol: float = 1e-2,
-                   damping: float = 0.0, eps_rel: float = EPS_REL, device=None,
+                   damping: float = default_damping("lrs"), eps_rel: float = EPS_REL, device=None,
                    dtype: torch.dtype | None = None, name: str | None = None,
                    groups: int | None = None, basis_iter: int = 10,
                    row_solver: str = "auto", cg_iter: int = 30) -> LRSResult:
@@ -917,10 +976,14 @@ def lowrank_sparse(weight: torch.Tensor, sigma: torch.Tensor | None, rank, nnz: 
             ``'energy'``, ``'gradient'`` (module docstring); ``()`` keeps the initial support.
         switch_tol: a round that lowers the error by less than this (relative) counts as
             stalled and triggers the support proposals.
-        damping: Sigma += damping * mean(diag) * I (changes the objective).
+        damping: fit in ``Sigma + damping * mean(diag(Sigma)) * I`` (per group; the objective of
+            every reported error).  Default ``DAMPING = 1e-3`` (:func:`ddtd.solvers.default_damping`,
+            the pipeline's rule): the sparse values are solved exactly in this metric, and
+            undamped they overfit directions the calibration samples never excite.
         eps_rel: floor for the row solves, see :func:`ddtd.solvers._common.prepare_sigma`.
         device, dtype: compute device; dtype of returned factors / values (float32 default;
-            the fit runs in float64).
+            the fit runs in float64, each iterate rounded to ``dtype`` before its error is
+            taken).
         name: layer name, for error messages.
         groups: the conv's groups (inferred from a 3-D ``sigma``; give it when ``sigma`` is
             ``None``).  See the module docstring for the grouped and depthwise models.
@@ -961,33 +1024,34 @@ def lowrank_sparse(weight: torch.Tensor, sigma: torch.Tensor | None, rank, nnz: 
     if row_solver not in ROW_SOLVERS:
         raise InputError(f"{_where(name)}: unknown row_solver {row_solver!r}",
                          hint=f"use one of {ROW_SOLVERS}")
-    st = _Steps(W, s_obj, s_solve, lr, row_solver, cg_iter)
+    st = _Steps(W, s_obj, s_solve, lr, row_solver, cg_iter, dt, mode)
+    zero = torch.zeros((), dtype=F64, device=dev)
 
     # ---- initialisation
     if init == "residual":
-        L, fac, _ = st.lowrank(W)
+        L, fac, Go = st.lowrank(W)
         R = W - L
         M = _topk_mask(R.abs(), nnz)
-        S = torch.where(M, R, torch.zeros((), dtype=F64))
-        err = _err(R - S, s_obj)
+        S, err = st.settle(R, Go, M, torch.where(M, R, zero), L)
     elif init == "masked":
         M = _topk_mask(W.abs(), nnz)
         S = torch.zeros_like(W)
         e_prev = math.inf
         for _ in range(max(1, init_iter)):
             L, fac, Go = st.lowrank(W - S)
-            S, err = st.solve(W - L, Go, M, S)
+            S, _ = st.solve(W - L, Go, M, S)
+            S, err = st.settle(W - L, Go, M, S, L)
             if e_prev - err <= switch_tol * e_prev:        # the frozen-support descent stalled
                 break
             e_prev = err
         if s_obj is None:
-            S = torch.where(M, W - L, torch.zeros((), dtype=F64))
-            err = _err(W - L - S, s_obj)
+            S, err = st.settle(W - L, Go, M, torch.where(M, W - L, zero), L)
     else:
         L, fac, Go = st.lowrank(W)
         R = W - L
         M = _topk_mask(R.abs() * dsq, nnz)
-        S, err = st.solve(R, Go, M)
+        S, _ = st.solve(R, Go, M)
+        S, err = st.settle(R, Go, M, S, L)
     if not math.isfinite(err):
         raise diverged(name, "lowrank_sparse", "non-finite initial error")
     init_rel = err / base
@@ -1003,7 +1067,8 @@ def lowrank_sparse(weight: torch.Tensor, sigma: torch.Tensor | None, rank, nnz: 
     for it in range(1, max_iter + 1):
         L, fac, Go = st.lowrank(W - S)
         R = W - L
-        S, e_keep = st.solve(R, Go, M, S)
+        S, _ = st.solve(R, Go, M, S)
+        S, e_keep = st.settle(R, Go, M, S, L)
         # new supports only once the fixed-support descent stalls (see the module docstring)
         stalled = cur - e_keep <= switch_tol * cur
         if stalled:
@@ -1026,7 +1091,8 @@ def lowrank_sparse(weight: torch.Tensor, sigma: torch.Tensor | None, rank, nnz: 
             for rule, Mc in cands:
                 if torch.equal(Mc, M) or any(torch.equal(Mc, x) for x in rejected):
                     continue
-                Sc, ec = st.solve(R, Go, Mc, torch.where(M, S, R))
+                Sc, _ = st.solve(R, Go, Mc, torch.where(M, S, R))
+                Sc, ec = st.settle(R, Go, Mc, Sc, L)
                 if ec < e_keep:
                     e_keep, S, M = ec, Sc, Mc
                     backoff[rule] = 0
@@ -1048,54 +1114,63 @@ def lowrank_sparse(weight: torch.Tensor, sigma: torch.Tensor | None, rank, nnz: 
     idx, vals = _pack(S, M)
     if mode == "masking":
         vals = vals + L[idx[:, 0], idx[:, 1]]
-    rel = _err(W - L - S, s_obj) / base
     factors = tuple(f.to(dt) for f in fac)
+    info = {"damping": float(damping) if sigma is not None else 0.0,
+            **fit_diagnostics(W, L + S)}
     return LRSResult(tuple(weight.shape), kind, factors, lr.rank, idx, vals.to(dt), mode,
-                     rel, init_rel, hist, it, converged, time.perf_counter() - t0, g)
+                     err / base, init_rel, hist, it, converged, time.perf_counter() - t0, g, info)
 
 
 # --------------------------------------------------------------------------------------------
 # pruning baselines
 # --------------------------------------------------------------------------------------------
 
-def _prune(weight, sigma, nnz, density, score_fn, solve, name, dtype, device, groups):
+def _prune(weight, sigma, nnz, density, score_fn, solve, name, dtype, device, groups, damping):
     nnz, _, T, D, g = _check_args(weight, sigma, 0, nnz, density, "additive", "data", "svd",
                                   name, groups)
     dev, dt = resolve_device_dtype(weight, device, dtype)
     check_finite(weight, "weight", name)
     W = weight.reshape(T, D).to(device=dev, dtype=F64)
-    s_obj, s_solve = _prepare_sigma(sigma, g, D, damping=0.0, eps_rel=EPS_REL, device=dev,
+    s_obj, s_solve = _prepare_sigma(sigma, g, D, damping=damping, eps_rel=EPS_REL, device=dev,
                                     name=name)
     base = _err(W, s_obj)
     dsq = _row_dsq(s_obj, T, D, dev)
     M = _topk_mask(score_fn(W, dsq), nnz)
-    S = solve_rows(W, s_solve, M) if solve else torch.where(M, W, torch.zeros((), dtype=F64))
+    S = solve_rows(W, s_solve, M) if solve else torch.where(M, W, torch.zeros((), dtype=F64, device=dev))
+    S = torch.where(M, rounded(S, dt), torch.zeros((), dtype=F64, device=dev))
     rel = _err(W - S, s_obj) / base if base > 0 else 0.0
     idx, vals = _pack(S, M)
+    info = {"damping": float(damping) if sigma is not None else 0.0, **fit_diagnostics(W, S)}
     return LRSResult(tuple(weight.shape), "none", (), (0,), idx, vals.to(dt), "additive",
-                     rel, rel, [rel], 0, True, 0.0, g)
+                     rel, rel, [rel], 0, True, 0.0, g, info)
 
 
 def magnitude_prune(weight: torch.Tensor, sigma: torch.Tensor | None, nnz: int | None = None, *,
                     density: float | None = None, dtype: torch.dtype | None = None, device=None,
-                    name: str | None = None, groups: int | None = None) -> LRSResult:
+                    name: str | None = None, groups: int | None = None,
+                    damping: float = default_damping("sparse")) -> LRSResult:
     """Baseline: keep the ``nnz`` largest ``|W_ij|`` unchanged, zero the rest (global magnitude
     pruning of the layer; grouped: over all groups).  ``sigma`` is only used for the reported
-    error.  Returns an :class:`LRSResult` with ``lowrank='none'``."""
+    error, in ``Sigma + damping * mean(diag(Sigma)) * I`` (default ``DAMPING = 1e-3``, the rule
+    of :func:`ddtd.solvers.default_damping`).  Returns an :class:`LRSResult` with
+    ``lowrank='none'``; its error is that of the values rounded to ``dtype``."""
     return _prune(weight, sigma, nnz, density, lambda W, d: W.abs(), False, name, dtype, device,
-                  groups)
+                  groups, damping)
 
 
 def sigma_prune(weight: torch.Tensor, sigma: torch.Tensor | None, nnz: int | None = None, *,
                 density: float | None = None, dtype: torch.dtype | None = None, device=None,
-                name: str | None = None, groups: int | None = None) -> LRSResult:
+                name: str | None = None, groups: int | None = None,
+                damping: float = default_damping("sparse")) -> LRSResult:
     """Data-aware pruning baseline: support = the ``nnz`` largest ``|W_ij| sqrt(Sigma_jj)``, values
     re-solved exactly in the Sigma metric on that support (:func:`solve_rows` with ``R = W``), so
     the kept weights compensate the pruned ones through the input correlations.  (Equals
     ``lowrank_sparse(..., rank=0, init='data', max_iter=0)``; grouped: one support over all
-    groups, each row solved in its group's Sigma.)"""
+    groups, each row solved in its group's Sigma.)  Sigma is damped: ``Sigma + damping *
+    mean(diag(Sigma)) * I`` (default ``DAMPING = 1e-3``, :func:`ddtd.solvers.default_damping`);
+    the reported error is that of the values rounded to ``dtype``."""
     return _prune(weight, sigma, nnz, density, lambda W, d: W.abs() * d, True, name, dtype, device,
-                  groups)
+                  groups, damping)
 
 
 # --------------------------------------------------------------------------------------------

@@ -93,9 +93,9 @@ import torch
 
 from ddtd.errors import InputError, NumericalError
 
-from ._common import (EPS_REL, F64, _where, check_finite, eigh, prepare_sigma,
+from ._common import (EPS_REL, F64, _where, check_finite, default_damping, eigh, prepare_sigma,
                       resolve_device_dtype, sigma_error, split_groups, spd_solve)
-from .cp import CPResult, cp_als, khatri_rao
+from .cp import CPResult, cp_als, khatri_rao, with_info
 
 #: accepted updates satisfy ``err <= delta^2 * (1 + FEAS_TOL)``
 FEAS_TOL = 1e-9
@@ -110,9 +110,15 @@ class StableCPResult(CPResult):
 
     * the factors are *balanced* (column norms chosen to minimise ``ss``, see :func:`balance`),
       not unit-normalised: ``A`` does not carry all the scale.  ``kernel()`` is unaffected.
-    * ``history`` / ``raw_history``: relative squared Sigma error after each sweep (entry 0 = the
-      start).  Not monotone: the error rises toward ``delta^2`` while ``ss`` falls; every entry is
-      ``<= (delta^2 (1 + 1e-9) + 1e-15 trace(W Sigma W^T)) / trace(W Sigma W^T)``.
+    * ``history`` / ``raw_history``: relative squared Sigma error (``Sigma`` damped as asked):
+      entry 0 the start, entry ``i`` the iterate after sweep ``i``, and one more, last entry:
+      the error of the returned factors (after the ``finish`` step, rounded to ``dtype``;
+      ``= rel_error``, float64 from the explicit residual).  Not monotone: the error rises
+      toward ``delta^2`` while ``ss`` falls (the monotone quantity is
+      ``sensitivity_history``); every sweep entry is
+      ``<= (delta^2 (1 + 1e-9) + 1e-15 trace(W Sigma W^T)) / trace(W Sigma W^T)``, and the
+      finish can only lower the error (the last entry may exceed the bound by the rounding to
+      ``dtype``, ~1e-7 relative for float32).
 
     Extra attributes:
         sensitivity_history: ``ss`` of the (balanced) factors after each sweep, entry 0 = the
@@ -769,7 +775,8 @@ def stable_cp(weight: torch.Tensor, sigma: torch.Tensor | None, rank: int, *,
               max_sweeps: int = 100, tol: float = 1e-5, direct_max: int = 1024,
               rows: str = "auto", exact_rows: int = 4, extrapolate: bool = True,
               max_gflop: float | None = 400.0, verify_every: int = 5,
-              damping: float = 0.0, eps_rel: float = EPS_REL, cp_options: dict | None = None,
+              damping: float = default_damping("cp3-stable"), eps_rel: float = EPS_REL,
+              cp_options: dict | None = None,
               groups: int | None = None, device=None, dtype: torch.dtype | None = None,
               finish: str = "channel", name: str | None = None) -> StableCPResult:
     """Sensitivity-minimising CP (CPD-EPC) of a conv kernel at bounded Sigma error.
@@ -821,14 +828,18 @@ def stable_cp(weight: torch.Tensor, sigma: torch.Tensor | None, rank: int, *,
               seeds on the VGG (README) it is no more accurate than ``"channel"`` (8x: 92.25%
               against 92.23%, 5 seeds) and loses more at 4-bit rounding, so it is an option.
             - ``"none"``: the CPD-EPC point itself (error ``delta``, smallest ``ss``).
-        damping, eps_rel: see :func:`ddtd.solvers._common.prepare_sigma` (the constraint uses
-            ``Sigma + damping * mean(diag) * I``; ``eps_rel`` only affects the CP-ALS start).
+        damping: the constraint and every reported error use ``Sigma + damping *
+            mean(diag(Sigma)) * I``; default ``DAMPING = 1e-3`` (:func:`ddtd.solvers.default_damping`,
+            the pipeline's rule; also passed to the CP-ALS start when ``init`` is ``None``).
+            Give an ``init`` fitted with the same damping.
+        eps_rel: see :func:`ddtd.solvers._common.prepare_sigma` (only affects the CP-ALS start).
         groups, device, name: as in :func:`cp_als`.  dtype: of the returned factors (the solver
             works in float64; float32 rounding of the factors may move the error by ~1e-7
             relative).
 
     Returns:
-        :class:`StableCPResult` (``rel_error`` recomputed from the returned factors).
+        :class:`StableCPResult` (``rel_error`` = ``history[-1]``, the error of the returned
+        factors; ``info`` as in :class:`CPResult`).
 
     Raises:
         InputError: bad shapes / layout / rank / init, or ``delta`` below the start error.
@@ -910,12 +921,12 @@ def stable_cp(weight: torch.Tensor, sigma: torch.Tensor | None, rank: int, *,
         fn = rescale_outputs if finish == "channel" else refit_outputs
         outs = [(o[0], fn(o[0].WS, o[0].S, o[1])) + tuple(o[2:]) for o in outs]
     ss_hist = comb([o[3] for o in outs])
-    err_hist = [x / btot for x in comb([o[4] for o in outs])]
     fl = [[F.to(dt) for F in o[1]] for o in outs]
     final_err = sum(o[0].fresh([F.to(F64) for F in f])[0] for o, f in zip(outs, fl))
+    err_hist = [x / btot for x in comb([o[4] for o in outs])] + [final_err / btot]
     nF = len(fl[0])
     stacked = [fl[0][i] if g == 1 else torch.stack([f[i] for f in fl]) for i in range(nF)]
-    return StableCPResult(
+    return with_info(StableCPResult(
         layout=layout, A=stacked[0], B=stacked[1], C=stacked[2],
         E=stacked[3] if layout == "cp4" else None, kernel_size=(kh, kw),
         rel_error=final_err / btot, history=err_hist, raw_history=list(err_hist),
@@ -923,7 +934,8 @@ def stable_cp(weight: torch.Tensor, sigma: torch.Tensor | None, rank: int, *,
         seconds=time.perf_counter() - t0, groups=g,
         sensitivity_history=ss_hist, sensitivity_before=ss_hist[0],
         sensitivity_after=sum(_ss([F.to(F64) for F in f]) for f in fl),
-        delta=math.sqrt(sum(d2s)), init_rel_error=e_tot / btot)
+        delta=math.sqrt(sum(d2s)), init_rel_error=e_tot / btot),
+        weight, damping if sigma is not None else 0.0)
 
 
 def rescale_outputs(WS: torch.Tensor, S: torch.Tensor | None, facs: list) -> list:

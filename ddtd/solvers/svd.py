@@ -27,7 +27,8 @@ import torch
 
 from ddtd.errors import InputError
 
-from ._common import (checked_sigma, eigh, qr, F64, _where, check_finite, combine_histories, resolve_device_dtype,
+from ._common import (checked_sigma, default_damping, eigh, error_from_terms, fit_diagnostics, F64, _where,
+                      check_finite, combine_histories, resolve_device_dtype, rounded, sigma_error,
                       split_groups)
 
 
@@ -39,11 +40,14 @@ class SVDResult:
         A: ``(T, r)`` output factor (orthonormal columns); grouped: ``(g, T/g, r)``.
         B: ``(r, D)`` input factor, ``D = S*kh*kw`` in unfold order (reshape to ``(r, S, kh, kw)``
            for the first conv); grouped: ``(g, r, D_g)``.
-        rel_error: relative squared Sigma error ``trace(dW Sigma dW^T) / trace(W Sigma W^T)``
-           (cross variant: ``E||W x - W~ x~||^2 / E||W x||^2``).
+        rel_error: relative squared Sigma error ``trace(dW Sigma dW^T) / trace(W Sigma W^T)`` of
+           ``A @ B`` as returned (in ``dtype``), Sigma damped as asked (cross variant:
+           ``E||W x - W~ x~||^2 / E||W x||^2``).
         history: ``[rel_error]`` (closed form, one "iteration").
         n_iter, converged: ``1``, ``True``.
         groups: number of groups (1 for an ordinary layer).
+        info: ``damping``, ``norm_ratio``, ``identity_error`` (see
+           :func:`ddtd.solvers.fit_diagnostics`).
     """
 
     A: torch.Tensor
@@ -53,6 +57,7 @@ class SVDResult:
     n_iter: int = 1
     converged: bool = True
     groups: int = 1
+    info: dict = field(default_factory=dict)
 
     def matrix(self) -> torch.Tensor:
         """``W~`` as ``(T, D)`` (grouped: ``(g, T/g, D_g)``)."""
@@ -68,30 +73,50 @@ def _check_rank(rank: int, T: int, D: int, name) -> int:
 
 
 def _svd_one(W: torch.Tensor, sigma, rank: int, damping: float, dev, dtype, name):
+    """One group: ``(A, B)`` in ``dtype``, their relative error, its numerator and ``base``.
+
+    ``A = U_r``, ``B = U_r^T W`` are rounded to ``dtype``; the error is that of the rounded
+    ``A @ B``: the sum of the discarded eigenvalues for float64, else ``trace(W S W^T) -
+    2 trace(A B S W^T) + trace(A^T A  B S B^T)`` in float64 (``r D^2`` more work than the
+    ``T D^2`` of ``W S``).
+    """
     T, D = W.shape
     r = _check_rank(rank, T, D, name)
     W64 = W.to(device=dev, dtype=F64)
     check_finite(W64, "weight", name)
     if sigma is None:
-        X = W64 @ W64.T
+        S = None
+        WS = W64
     else:
         S = checked_sigma(sigma, D, dev, name)
         if damping:
             S = S + damping * float(torch.diagonal(S).mean()) * torch.eye(D, dtype=F64, device=dev)
-        X = W64 @ S @ W64.T
+        WS = W64 @ S
+    X = WS @ W64.T
     X = 0.5 * (X + X.T)
     w, V = eigh(X)
     w, V = w.flip(0), V.flip(1)
     base = float(w.sum())
     U = V[:, :r]
-    err = float(w[r:].clamp_min(0).sum())
-    rel = err / base if base > 0 else 0.0
     B = U.T @ W64
+    if dtype == F64:
+        err = float(w[r:].clamp_min(0).sum())
+    else:
+        U, B = rounded(U, dtype), rounded(B, dtype)
+        BS = B if S is None else B @ S
+        err = error_from_terms(base, float(((U @ B) * WS).sum()),
+                               float(((BS @ B.T) * (U.T @ U)).sum()),
+                               lambda: sigma_error(W64 - U @ B, S, F64))
+    rel = err / base if base > 0 else 0.0
     return U.to(dtype), B.to(dtype), rel, err, base
 
 
+def _info(weight, approx, damping) -> dict:
+    return {"damping": float(damping), **fit_diagnostics(weight, approx)}
+
+
 def sigma_svd(weight: torch.Tensor, sigma: torch.Tensor | None, rank: int, *,
-              damping: float = 0.0, groups: int | None = None, device=None,
+              damping: float = default_damping("svd"), groups: int | None = None, device=None,
               dtype: torch.dtype | None = None, name: str | None = None) -> SVDResult:
     """Best rank-``rank`` approximation ``W~ = A B`` of ``weight`` in the Sigma metric.
 
@@ -100,11 +125,14 @@ def sigma_svd(weight: torch.Tensor, sigma: torch.Tensor | None, rank: int, *,
         sigma: ``(D, D)`` PSD input covariance, ``(g, D_g, D_g)`` for grouped convs, or ``None``
             for the Frobenius norm (plain truncated SVD).
         rank: ``r``; per group for grouped layers.
-        damping: adds ``damping * mean(diag(Sigma)) * I`` to Sigma (default 0; not needed:
-            the closed form is exact for singular Sigma).
+        damping: adds ``damping * mean(diag(Sigma)) * I`` to Sigma.  Default
+            ``default_damping('svd') = 0`` (:func:`ddtd.solvers.default_damping`; the one rule
+            of the solvers and the pipeline): the closed form is exact for a singular Sigma and
+            ``W~ = U U^T W`` is a projection of ``W``, so it cannot grow.
         groups: number of groups (inferred from a 3-D ``sigma``).
         device, dtype: where to compute / dtype of returned factors (float32 default); the
-            eigen-decomposition is always float64.
+            eigen-decomposition is always float64, and ``rel_error`` is the error of the
+            factors as returned.
         name: layer name, used in error messages.
 
     Returns:
@@ -116,11 +144,12 @@ def sigma_svd(weight: torch.Tensor, sigma: torch.Tensor | None, rank: int, *,
             for w, s in zip(gs.weights, gs.sigmas)]
     if gs.groups == 1:
         U, B, rel, _, _ = outs[0]
-        return SVDResult(U, B, rel, [rel], 1, True, 1)
+        return SVDResult(U, B, rel, [rel], 1, True, 1, _info(weight, U.to(F64) @ B.to(F64), damping))
     bases = [o[4] for o in outs]
     rel = combine_histories([[o[2]] for o in outs], bases)[0]
-    return SVDResult(torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs]),
-                     rel, [rel], 1, True, gs.groups)
+    A, B = torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
+    return SVDResult(A, B, rel, [rel], 1, True, gs.groups,
+                     _info(weight, A.to(F64) @ B.to(F64), damping))
 
 
 def sigma_svd_cross(weight: torch.Tensor, sigma_xx: torch.Tensor, sigma_xxt: torch.Tensor,
@@ -166,9 +195,9 @@ def sigma_svd_cross(weight: torch.Tensor, sigma_xx: torch.Tensor, sigma_xxt: tor
     X = ZL @ ZL.T
     w, V = eigh(0.5 * (X + X.T))
     U = V.flip(1)[:, :r]
-    B = U.T @ Z
+    U, B = rounded(U, dt), rounded(U.T @ Z, dt)
     Wt = U @ B
     base = float((W @ Sxx * W).sum())
     err = base - 2 * float((W @ Sxt * Wt).sum()) + float((Wt @ Stt * Wt).sum())
     rel = max(err, 0.0) / base if base > 0 else 0.0
-    return SVDResult(U.to(dt), B.to(dt), rel, [rel], 1, True, 1)
+    return SVDResult(U.to(dt), B.to(dt), rel, [rel], 1, True, 1, _info(W, Wt, 0.0))

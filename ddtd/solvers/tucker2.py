@@ -8,8 +8,10 @@ Model: ``K~ = G x1 U x2 V``, i.e. ``K~[t,s,i,j] = sum_{a,b} U[t,a] G[a,b,i,j] V[
 Sigma-ALS (``P = kh*kw``, ``Q = V kron I_P`` of size ``D x R2 P`` so that ``W~ = U G_(1) Q^T``):
 
 1. For fixed ``V`` (closed form): ``C* = W Sigma Q (Q^T Sigma Q)^{-1}``; ``U`` = top-``R1``
-   eigenvectors of ``C* (Q^T Sigma Q) C*^T``; ``G_(1) = U^T C*``.  The error is
-   ``trace(W Sigma W^T) - (sum of those top-R1 eigenvalues)``.
+   eigenvectors of ``C* (Q^T Sigma Q) C*^T``; ``G_(1) = U^T C*`` (float64, ``Sigma Q`` included).
+   ``U, G`` are rounded to ``dtype`` and the error of the rounded ``(U, G, V)`` is
+   ``trace(W S W^T) - 2 <U G, W S Q> + <G (Q^T S Q) G^T, U^T U>`` in float64 (``S`` the
+   objective Sigma).
 2. For fixed ``U, G`` the objective is ``||(U^T W - G_(1) Q^T) L||^2 + const`` (``U`` has
    orthonormal columns), quadratic in ``V`` with normal equations
    ``H(V) = sum_p [Sigma Q(V) G^T G]_{(s,p),(b,p)} = sum_p [Sigma W^T U G_(1)]_{(s,p),(b,p)}``,
@@ -18,8 +20,10 @@ Sigma-ALS (``P = kh*kw``, ``Q = V kron I_P`` of size ``D x R2 P`` so that ``W~ =
    ``Sigma_S (x) Sigma_P`` (partial traces), i.e. ``X -> Sigma_S^{-1} X Z^{-1}``.
    ``V`` is then orthonormalised (step 1 only depends on ``span(V)``).
 
-Each step is a minimisation, so the error history is non-increasing; the best iterate is kept.
-With ``sigma=None`` the solver is HOOI (higher-order orthogonal iteration) on modes 1 and 2.
+Each step is a minimisation (the V step up to the accuracy of CG in ``dtype``); the best
+iterate in the exact error is returned, and the history is the running best of that error.
+With ``sigma=None`` the solver is HOOI (higher-order orthogonal iteration) on modes 1 and 2,
+each iterate's error from its explicit residual.
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ import torch
 
 from ddtd.errors import InputError
 
-from ._common import (BestIterate, eigh, qr, EPS_REL, F64, _where, check_finite, combine_histories, diverged, frob_sq,
-                      partial_traces, pcg, prepare_sigma, resolve_device_dtype, sigma_error,
+from ._common import (BestIterate, eigh, qr, EPS_REL, F64, _where, check_finite, combine_histories,
+                      default_damping, diverged, error_from_terms, fit_diagnostics, frob_sq,
+                      partial_traces, pcg, prepare_sigma, resolve_device_dtype, rounded,
                       spd_solve, split_groups, top_eigvecs)
 
 
@@ -42,15 +47,21 @@ class Tucker2Result:
     """Tucker2 factors ``K~ = core x1 U x2 V``.
 
     Attributes:
-        U: ``(T, R1)`` output factor (orthonormal columns); grouped: ``(g, T/g, R1)``.
+        U: ``(T, R1)`` output factor (orthonormal columns up to the rounding to ``dtype``);
+            grouped: ``(g, T/g, R1)``.
         core: ``(R1, R2, kh, kw)``; grouped: ``(g, R1, R2, kh, kw)``.
-        V: ``(S, R2)`` input factor (orthonormal columns); grouped: ``(g, S/g, R2)``.
-        rel_error: final relative squared Sigma error, recomputed from the explicit residual.
-        history: best-so-far relative squared Sigma error after each iteration (non-increasing).
-        raw_history: the error of each iterate (non-increasing up to rounding).
+        V: ``(S, R2)`` input factor (orthonormal columns up to rounding); grouped:
+            ``(g, S/g, R2)``.
+        rel_error: relative squared error ``trace(dW S dW^T) / trace(W S W^T)`` of the returned
+            factors (``S`` = the damped Sigma, the identity for Frobenius) = ``history[-1]``.
+        history: the best relative error among the iterates so far, after each iteration
+            (non-increasing); every entry is the exact error of an iterate rounded to ``dtype``
+            (float64 arithmetic), and the returned factors are the iterate of the last entry.
+        raw_history: the error of each iterate, same measure (float32 CG steps may raise it).
         n_iter: iterations run; converged: relative decrease fell below ``tol``.
         seconds: wall time.
         groups: number of groups.
+        info: ``damping``, ``norm_ratio``, ``identity_error`` (:func:`ddtd.solvers.fit_diagnostics`).
     """
 
     U: torch.Tensor
@@ -63,6 +74,7 @@ class Tucker2Result:
     converged: bool = False
     seconds: float = 0.0
     groups: int = 1
+    info: dict = field(default_factory=dict)
 
     def kernel(self) -> torch.Tensor:
         """The approximated kernel ``(T, S, kh, kw)`` (grouped: ``(g, T/g, S/g, kh, kw)``)."""
@@ -107,46 +119,61 @@ def _init_V(W3, Sg, init, R2, seed, dev):
     raise InputError(f"unknown init {init!r}", hint="use 'hosvd', 'whitened', 'random' or a tensor V")
 
 
-def _hooi(W3, R1, R2, V, max_iter, tol, name, t0):
+def _hooi(W3, R1, R2, V, max_iter, tol, dt, name):
+    """HOOI on modes 1 and 2 of ``W3 (T, S, P)`` (float64).  Each iterate is rounded to ``dt``
+    and its error taken from the explicit residual (float64)."""
     T, S, P = W3.shape
-    Wtps = W3.permute(0, 2, 1).contiguous()  # (T, P, S)
+    Wd = W3.to(dt)
+    Wtps = Wd.permute(0, 2, 1).contiguous()  # (T, P, S)
     base = frob_sq(W3)
     track = BestIterate(tol, max_iter, name, "Tucker2 HOOI")
     it = 0
     for it in range(1, max_iter + 1):
-        Vd = V.to(W3.dtype)
+        Vd = V.to(dt)
         Y = (Wtps.reshape(T * P, S) @ Vd).reshape(T, P * R2).to(F64)
         U = top_eigvecs(Y @ Y.T, R1)[1]
-        Z = (U.to(W3.dtype).T @ W3.reshape(T, S * P)).reshape(R1, S, P)
+        Z = (U.to(dt).T @ Wd.reshape(T, S * P)).reshape(R1, S, P)
         Zs = Z.permute(1, 0, 2).reshape(S, R1 * P).to(F64)
         V = top_eigvecs(Zs @ Zs.T, R2)[1]
-        core = torch.einsum("asp,sb->abp", Z.to(F64), V)
-        err = max(base - frob_sq(core), 0.0)
-        if track.step(err / base, it, lambda: (U, core, V)):
+        Ur, Vr = rounded(U, dt), rounded(V, dt)
+        core = rounded(torch.einsum("asp,sb->abp", Z.to(F64), V), dt)
+        What = torch.einsum("ta,abp,sb->tsp", Ur, core, Vr)
+        err = frob_sq(W3 - What)
+        if track.step(err / base, it, lambda: (Ur, core, Vr)):
             break
     U, core, V = track.best
     return U, core, V, track.history, track.raw, it, track.converged
 
 
-def _als_sigma(W, Sg, S, P, R1, R2, V, max_iter, tol, cg_tol, cg_max_iter, cg_energy_tol, dt,
-               name):
+def _als_sigma(W, s_obj, floor, S, P, R1, R2, V, max_iter, tol, cg_tol, cg_max_iter, cg_energy_tol,
+               dt, name):
+    """Sigma-ALS (module docstring) on ``W (T, D)`` float64 with the objective ``s_obj`` (float64);
+    the solves use ``s_obj + floor * I`` (:func:`prepare_sigma`'s ``sigma_solve``).
+
+    Each iteration: ``Sigma Q(V)`` in float64 for the rounded ``V``, the closed-form ``U, G``
+    step in float64, both rounded to ``dt``; the exact error of the rounded ``(U, G, V)`` from
+    float64 terms (:func:`error_from_terms`); then the ``V`` step by CG in ``dt``.
+    """
     T, D = W.shape
-    Sd = Sg.to(dt)
-    Wd = W.to(dt)
-    WS = Wd @ Sd                                           # (T, D)
-    WSt = WS.T.contiguous()                                # (D, T)
-    base = float((WS.to(F64) * W.to(F64)).sum())
-    Sp_ = Sd.reshape(D, S, P).permute(0, 2, 1).contiguous().reshape(D * P, S)  # Sigma, cols (q, s)
-    Ss, Sp = partial_traces(Sg, (S, P), 0)
+    eyeP = torch.eye(P, dtype=F64, device=W.device)
+    WSt = (W @ s_obj).T.contiguous()                       # (D, T) objective, float64
+    base = float((WSt.T * W).sum())
+    Sd = s_obj.to(dt) if dt != F64 else s_obj.clone()      # solve Sigma in dt
+    if floor:
+        Sd.diagonal().add_(floor)
+    WStd = (WSt + floor * W.T).to(dt)                      # (W Sigma_solve)^T in dt
+    Ss, Sp = partial_traces(s_obj, (S, P), 0)
     Ss_inv = spd_solve(Ss, torch.eye(S, dtype=F64, device=W.device)).to(dt)
 
-    def sigQ(Vd):        # Sigma Q(V): (D, R2*P), columns (b, q)
-        return (Sp_ @ Vd).reshape(D, P, R2).permute(0, 2, 1).reshape(D, R2 * P)
+    def sigQ(Vx, Sm):    # Sigma Q(V): (D, R2*P), columns (b, q); Q^T Sigma via Sigma's (s, (q, d)) rows
+        return (Vx.T @ Sm.reshape(S, P * D)).reshape(R2 * P, D).T
 
-    def Qt(X):           # Q^T X for X (D, m): (R2*P, m)
+    def Qt(X, Vx):       # Q^T X for X (D, m): (R2*P, m)
         m = X.shape[1]
-        Y = Vd.T @ X.reshape(S, P * m)
-        return Y.reshape(R2 * P, m)
+        return (Vx.T @ X.reshape(S, P * m)).reshape(R2 * P, m)
+
+    def Qmat(Vx):        # Q(V) = V kron I_P: (D, R2*P)
+        return torch.einsum("sb,pq->spbq", Vx, eyeP).reshape(D, R2 * P)
 
     def contract(Y, GtGp):  # Y (D, R2P) -> sum_p [Y GtG]_{(s,p),(b,p)}: (S, R2)
         Yp = Y.reshape(S, P, R2 * P).permute(1, 0, 2)       # (P, S, R2P)
@@ -156,30 +183,43 @@ def _als_sigma(W, Sg, S, P, R1, R2, V, max_iter, tol, cg_tol, cg_max_iter, cg_en
     it = 0
     for it in range(1, max_iter + 1):
         Vd = V.to(dt)
-        SQ = sigQ(Vd)
-        QSQ = Qt(SQ).to(F64)
-        WSQ = Qt(WSt).T.to(F64)                            # (T, R2P)
-        Cs = spd_solve(QSQ, WSQ, right=True)               # C* (T, R2P)
-        Xs = WSQ @ Cs.T
-        w, U = top_eigvecs(Xs, R1)
+        Vr = Vd.to(F64)
+        SQ = sigQ(Vr, s_obj)                               # float64, objective
+        QSQ = Qt(SQ, Vr)
+        QSQ = 0.5 * (QSQ + QSQ.T)
+        WSQ = Qt(WSt, Vr).T                                # (T, R2P) objective
+        QQ = Qt(Qmat(Vr), Vr)                              # Q^T Q
+        WQ = Qt(W.T, Vr).T
+        Cs = spd_solve(QSQ + floor * QQ, WSQ + floor * WQ, right=True)   # C* (T, R2P)
+        Xs = (WSQ + floor * WQ) @ Cs.T
+        _, U = top_eigvecs(Xs, R1)
         G1 = U.T @ Cs                                      # (R1, R2P)
-        err = max(base - float(w.sum()), 0.0)
         if not bool(torch.isfinite(G1).all()):
             raise diverged(name, "Tucker2-ALS-Sigma", f"non-finite core at iteration {it}")
-        if track.step(err / base, it, lambda: (U, G1, V)):
+        Ur, Gr = rounded(U, dt), rounded(G1, dt)
+        UG = Ur @ Gr
+
+        def residual(UG=UG, Vr=Vr):
+            What = UG @ Qmat(Vr).T
+            return float(((W - What) @ s_obj * (W - What)).sum())
+
+        err = error_from_terms(base, float((UG * WSQ).sum()),
+                               float(((Gr @ QSQ @ Gr.T) * (Ur.T @ Ur)).sum()), residual)
+        if track.step(err / base, it, lambda: (Ur, Gr, Vr)):
             break
         # ---- V step: CG on the coupled normal equations, warm-started ----
         GtG = G1.T @ G1                                    # (R2P, R2P), index (b, q)
         GtGp = GtG.reshape(R2 * P, R2, P).permute(2, 0, 1).contiguous().to(dt)   # (P, R2P, R2)
         Ud, G1d = U.to(dt), G1.to(dt)
-        rhsQ = (WSt @ Ud) @ G1d                            # (D, R2P)
+        rhsQ = (WStd @ Ud) @ G1d                           # (D, R2P)
         rhs = torch.diagonal(rhsQ.reshape(S, P, R2, P), dim1=1, dim2=3).sum(-1)
-        r0 = rhs - contract(SQ, GtGp)
+        SQd = (SQ + floor * Qmat(Vr)).to(dt)              # Sigma_solve Q(V) in dt
+        r0 = rhs - contract(SQd, GtGp)
         Z = torch.einsum("aqbp,pq->ab", GtG.reshape(R2, P, R2, P), Sp)
         Z_inv = spd_solve(Z, torch.eye(R2, dtype=F64, device=W.device)).to(dt)
 
         def op(X):
-            return contract(sigQ(X), GtGp)
+            return contract(sigQ(X, Sd), GtGp)
 
         Vn, _ = pcg(op, rhs, Vd, r0, lambda R: Ss_inv @ R @ Z_inv, cg_tol, cg_max_iter,
                     energy_tol=cg_energy_tol * err)
@@ -187,7 +227,7 @@ def _als_sigma(W, Sg, S, P, R1, R2, V, max_iter, tol, cg_tol, cg_max_iter, cg_en
             raise diverged(name, "Tucker2-ALS-Sigma", f"CG produced NaN at iteration {it}")
         V = qr(Vn.to(F64))[0]
     U, G1, V = track.best
-    return U, G1.reshape(R1, R2, P), V, track.history, track.raw, it, track.converged
+    return U, G1.reshape(R1, R2, P), V, track.history, track.raw, it, track.converged, base
 
 
 def _tucker2_one(weight, sigma, ranks, max_iter, tol, seed, init, damping, eps_rel, cg_tol,
@@ -208,15 +248,16 @@ def _tucker2_one(weight, sigma, ranks, max_iter, tol, seed, init, damping, eps_r
     V0 = _init_V(W3, s_solve, init, R2, seed, dev)
     t0 = time.perf_counter()
     if s_obj is None:
-        U, core, V, hist, raw, it, conv = _hooi(W3.to(dt), R1, R2, V0, max_iter, tol, name, t0)
+        U, core, V, hist, raw, it, conv = _hooi(W3, R1, R2, V0, max_iter, tol, dt, name)
+        base = frob_sq(W)
     else:
+        floor = float((torch.diagonal(s_solve) - torch.diagonal(s_obj)).mean())
+        del s_solve
         ct = cg_tol if cg_tol is not None else (1e-10 if dt == F64 else 1e-6)
-        U, core, V, hist, raw, it, conv = _als_sigma(W, s_solve, S, P, R1, R2, V0, max_iter, tol,
-                                                     ct, cg_max_iter, cg_energy_tol, dt, name)
-    What = torch.einsum("ta,abp,sb->tsp", U, core.to(F64), V).reshape(T, D)
-    base = sigma_error(W, s_obj, F64 if s_obj is None else dt)
-    err = sigma_error(W - What, s_obj, F64 if s_obj is None else dt)
-    rel = err / base if base > 0 else 0.0
+        U, core, V, hist, raw, it, conv, base = _als_sigma(W, s_obj, floor, S, P, R1, R2, V0,
+                                                           max_iter, tol, ct, cg_max_iter,
+                                                           cg_energy_tol, dt, name)
+    rel = hist[-1]
     if not math.isfinite(rel):
         raise diverged(name, "Tucker2", "non-finite final error")
     res = dict(U=U.to(dt), core=core.reshape(R1, R2, kh, kw).to(dt), V=V.to(dt), rel_error=rel,
@@ -226,7 +267,7 @@ def _tucker2_one(weight, sigma, ranks, max_iter, tol, seed, init, damping, eps_r
 
 
 def tucker2(weight: torch.Tensor, sigma: torch.Tensor | None, ranks, *, max_iter: int = 50,
-            tol: float = 1e-5, seed: int = 0, init="whitened", damping: float = 0.0,
+            tol: float = 1e-5, seed: int = 0, init="whitened", damping: float = default_damping("tucker2"),
             eps_rel: float = EPS_REL, cg_tol: float | None = None, cg_max_iter: int = 5,
             cg_energy_tol: float = 1e-5,
             groups: int | None = None, device=None, dtype: torch.dtype | None = None,
@@ -244,7 +285,11 @@ def tucker2(weight: torch.Tensor, sigma: torch.Tensor | None, ranks, *, max_iter
         init: ``'whitened'`` (HOSVD of the kernel whitened with the Kronecker approximation of
             Sigma; = ``'hosvd'`` for Frobenius), ``'hosvd'`` (plain kernel), ``'random'``, or an
             ``(S, R2)`` tensor.
-        damping: Sigma += damping * mean(diag) * I (changes the objective).
+        damping: fit in ``Sigma + damping * mean(diag(Sigma)) * I`` (the objective; every
+            reported error uses it).  Default ``DAMPING = 1e-3`` (:func:`ddtd.solvers.default_damping`,
+            the rule the pipeline uses): undamped, the directions Sigma barely excites are free
+            and the factors can grow far beyond ``W`` there (``info['norm_ratio']``).  Ignored
+            for Frobenius.
         eps_rel: solver floor on Sigma, see :func:`ddtd.solvers._common.prepare_sigma`.
         cg_tol, cg_max_iter, cg_energy_tol: CG rule for the V step: stop at relative residual
             ``cg_tol`` (default 1e-6 float32, 1e-10 float64), or when a step lowers the Sigma
@@ -253,8 +298,9 @@ def tucker2(weight: torch.Tensor, sigma: torch.Tensor | None, ranks, *, max_iter
             per V update (measured on an activation covariance, (256,256,3,3) at (64, 64), 25
             iterations: the same final error as 50 steps to 4 digits, 26% less time).
         groups: number of groups (inferred from a 3-D sigma).
-        device, dtype: compute device; dtype of the large products and of the returned factors
-            (float32 default; small solves are always float64).
+        device, dtype: compute device; dtype of the returned factors and of the CG products of
+            the V step (float32 default).  ``Sigma Q``, the small solves and every reported error
+            are float64, so float32 and float64 give the same fit to the CG tolerance.
         name: layer name for error messages.
 
     Returns:
@@ -264,9 +310,14 @@ def tucker2(weight: torch.Tensor, sigma: torch.Tensor | None, ranks, *, max_iter
     gs = split_groups(weight, sigma, groups, name)
     outs = [_tucker2_one(w, s, ranks, max_iter, tol, seed, init, damping, eps_rel, cg_tol,
                          cg_max_iter, cg_energy_tol, dev, dt, name) for w, s in zip(gs.weights, gs.sigmas)]
+    d = damping if sigma is not None else 0.0
     if gs.groups == 1:
-        return Tucker2Result(**outs[0][0], groups=1)
+        r = outs[0][0]
+        What = torch.einsum("ta,abij,sb->tsij", r["U"].to(F64), r["core"].to(F64), r["V"].to(F64))
+        return Tucker2Result(**r, groups=1, info={"damping": d, **fit_diagnostics(weight, What)})
     rs, bases = [o[0] for o in outs], [o[1] for o in outs]
+    What = torch.stack([torch.einsum("ta,abij,sb->tsij", r["U"].to(F64), r["core"].to(F64),
+                                     r["V"].to(F64)) for r in rs])
     return Tucker2Result(
         U=torch.stack([r["U"] for r in rs]), core=torch.stack([r["core"] for r in rs]),
         V=torch.stack([r["V"] for r in rs]),
@@ -274,4 +325,5 @@ def tucker2(weight: torch.Tensor, sigma: torch.Tensor | None, ranks, *, max_iter
         history=combine_histories([r["history"] for r in rs], bases),
         raw_history=combine_histories([r["raw_history"] for r in rs], bases),
         n_iter=max(r["n_iter"] for r in rs), converged=all(r["converged"] for r in rs),
-        seconds=sum(r["seconds"] for r in rs), groups=gs.groups)
+        seconds=sum(r["seconds"] for r in rs), groups=gs.groups,
+        info={"damping": d, **fit_diagnostics(weight, What)})
