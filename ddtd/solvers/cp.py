@@ -55,7 +55,7 @@ from ddtd.errors import InputError
 
 from ._common import (BestIterate, eigh, qr, EPS_REL, F64, _where, check_finite, combine_histories,
                       default_damping, diverged, error_from_terms, fit_diagnostics, frob_sq, pcg,
-                      prepare_sigma, resolve_device_dtype, rounded, sigma_error, spd_solve,
+                      prepare_sigma, resolve_device_dtype, rounded, spd_solve,
                       split_groups)
 
 
@@ -221,7 +221,9 @@ def _als_frobenius(W, dims, A, facs, max_iter, tol, dt, name):
 
 
 class _SigmaModes:
-    """Per-mode cached views of Sigma for the Sigma-ALS."""
+    """Per-mode cached views of Sigma for the Sigma-ALS.  The last mode's columns, when solved
+    directly, are kept in float64: its product ``Sigma[:, (j, .)] M_k`` then also gives the
+    float64 ``Sigma M`` of the next iterate (the exact error needs it)."""
 
     def __init__(self, Sg, dims, R, dt, direct_max):
         D = Sg.shape[0]
@@ -234,7 +236,8 @@ class _SigmaModes:
         for k, n in enumerate(dims):
             if self.direct[k]:
                 # Sigma with columns regrouped: (n_k, D, rest), [j, d, o] = Sigma[d, (j at k, o)]
-                Sk = self.S.reshape(D, *dims).movedim(1 + k, 0).reshape(n, D, D // n)
+                src = Sg if k == len(dims) - 1 else self.S
+                Sk = src.reshape(D, *dims).movedim(1 + k, 0).reshape(n, D, D // n)
                 self.cols[k] = Sk.contiguous()
             else:
                 # Sigma as (n_k, rest, n_k, rest) blocks, float64, for the preconditioner
@@ -270,41 +273,50 @@ def _contract_except(Y, facs, dims, k):
     return (Yk * Mk[None]).sum(1)
 
 
-def _als_sigma(W, s_obj, Sg, dims, A, facs, max_iter, tol, cg_tol, cg_max_iter, cg_energy_tol,
+def _als_sigma(W, Sg, floor, dims, A, facs, max_iter, tol, cg_tol, cg_max_iter, cg_energy_tol,
                direct_max, dt, name):
-    """Sigma-ALS (module docstring) on ``W (T, D)`` float64: ``s_obj`` the objective Sigma, ``Sg``
-    the solve Sigma (``s_obj`` plus the floor), both float64.
+    """Sigma-ALS (module docstring) on ``W (T, D)`` float64: ``Sg`` the solve Sigma (float64,
+    :func:`prepare_sigma`'s ``sigma_solve``), the objective ``Sg - floor * I``.
 
-    Each iteration starts with ``Sigma M`` in float64 for the current (``dt``) input factors, the
-    float64 ``A`` step and the exact error of ``(A rounded to dt, input factors)`` from float64
-    terms; the input-factor updates then run with products in ``dt``.
+    Each iteration starts with ``Sg M`` in float64 for the current (``dt``) input factors (the
+    last direct mode's float64 product provides it), the float64 ``A`` step and the exact
+    objective error of ``(A rounded to dt, input factors)`` from float64 terms (the floor removed
+    on the ``R x R`` / ``T x R`` matrices); the input-factor updates then run in ``dt``.
     """
     T, D = W.shape
     m = len(dims)
     R = facs[0].shape[1]
     modes = _SigmaModes(Sg, dims, R, dt, direct_max)
     Sd = modes.S
-    floor = float((torch.diagonal(Sg) - torch.diagonal(s_obj)).mean())
-    WSo = W @ s_obj                                       # (T, D) objective, float64
-    base = float((WSo * W).sum())
-    WSt = (WSo + floor * W).T.to(dt).contiguous()         # (W Sigma_solve)^T in dt
+    WS = W @ Sg                                           # (T, D) float64
+    base = float((WS * W).sum()) - floor * frob_sq(W)     # objective
+    WSt = WS.T.to(dt).contiguous()
     facs = [f.to(dt) for f in facs]
+    SM_next = None                      # float64 Sg M of the next iterate, when known
     track = BestIterate(tol, max_iter, name, "CP-ALS-Sigma")
     it = 0
     for it in range(1, max_iter + 1):
         M64 = khatri_rao([f.to(F64) for f in facs])
-        SMo = s_obj @ M64                                 # float64, objective
-        WSM = WSo @ M64
-        MSM = M64.T @ SMo
+        SM64 = Sg @ M64 if SM_next is None else SM_next
+        SM_next = None
+        WSM = WS @ M64
+        MSM = M64.T @ SM64
         MSM = 0.5 * (MSM + MSM.T)
-        A = spd_solve(MSM + floor * (M64.T @ M64), WSM + floor * (W @ M64), right=True)
+        A = spd_solve(MSM, WSM, right=True)
         _check(A, name, it)
         Ar = rounded(A, dt)
-        err = error_from_terms(base, float((Ar * WSM).sum()), float(((Ar.T @ Ar) * MSM).sum()),
-                               lambda: sigma_error(W - Ar @ M64.T, s_obj, F64))
+        WSMo = WSM - floor * (W @ M64)                    # objective terms
+        MSMo = MSM - floor * (M64.T @ M64)
+
+        def residual(Ar=Ar, M64=M64):
+            E = W - Ar @ M64.T
+            return float(((E @ Sg) * E).sum()) - floor * frob_sq(E)
+
+        err = error_from_terms(base, float((Ar * WSMo).sum()), float(((Ar.T @ Ar) * MSMo).sum()),
+                               residual)
         if track.step(err / base, it, lambda: (Ar, [f.clone() for f in facs])):
             break
-        SM = (SMo + floor * M64).to(dt)                   # Sigma_solve M, kept current below
+        SM = SM64.to(dt)                                  # Sg M, kept current below
         SWA = WSt @ A.to(dt)                                  # Sigma W^T A (D, R)
         for k in range(m):
             AtA = A.T @ A
@@ -313,7 +325,8 @@ def _als_sigma(W, s_obj, Sg, dims, A, facs, max_iter, tol, cg_tol, cg_max_iter, 
             n = dims[k]
             if modes.direct[k]:
                 others = [facs[l] for l in range(m) if l != k]
-                Mk = khatri_rao(others)                        # (rest, R)
+                last = k == m - 1                              # float64 columns (_SigmaModes)
+                Mk = khatri_rao([f.to(F64) for f in others] if last else others)   # (rest, R)
                 Y = torch.matmul(modes.cols[k], Mk)            # (n, D, R): Sigma[:, (j,.)] Mk
                 Yp = Y.reshape(n, *dims, R).movedim(1 + k, 1).reshape(n, n, D // n, R)
                 Nb = torch.einsum("or,jioq->irjq", Mk, Yp).to(F64)   # [i, r, j, q]
@@ -322,7 +335,9 @@ def _als_sigma(W, s_obj, Sg, dims, A, facs, max_iter, tol, cg_tol, cg_max_iter, 
                 _check(F, name, it)
                 F, A, s = _normalise(F, A)
                 Fd = F.to(dt)
-                if k < m - 1:           # the last mode's Sigma M is recomputed in float64
+                if last:                # Sigma_solve M of the next iterate, float64
+                    SM_next = torch.einsum("jdr,jr->dr", Y, Fd.to(F64))
+                else:
                     SM = torch.einsum("jdr,jr->dr", Y, Fd)
             else:
                 others = [facs[l] for l in range(m) if l != k]
@@ -382,7 +397,9 @@ def _cp_one(weight, sigma, rank, layout, max_iter, tol, seed, init, damping, eps
                                                             name)
     else:
         ct = cg_tol if cg_tol is not None else (1e-10 if dt == F64 else 1e-6)
-        A, facs, hist, raw, it, conv, base = _als_sigma(W, s_obj, s_solve, dims, A0, facs,
+        floor = float((torch.diagonal(s_solve) - torch.diagonal(s_obj)).mean())
+        del s_obj
+        A, facs, hist, raw, it, conv, base = _als_sigma(W, s_solve, floor, dims, A0, facs,
                                                         max_iter, tol, ct, cg_max_iter,
                                                         cg_energy_tol, direct_max, dt, name)
     rel = hist[-1]

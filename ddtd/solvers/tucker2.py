@@ -145,24 +145,23 @@ def _hooi(W3, R1, R2, V, max_iter, tol, dt, name):
     return U, core, V, track.history, track.raw, it, track.converged
 
 
-def _als_sigma(W, s_obj, floor, S, P, R1, R2, V, max_iter, tol, cg_tol, cg_max_iter, cg_energy_tol,
+def _als_sigma(W, Sg, floor, S, P, R1, R2, V, max_iter, tol, cg_tol, cg_max_iter, cg_energy_tol,
                dt, name):
-    """Sigma-ALS (module docstring) on ``W (T, D)`` float64 with the objective ``s_obj`` (float64);
-    the solves use ``s_obj + floor * I`` (:func:`prepare_sigma`'s ``sigma_solve``).
+    """Sigma-ALS (module docstring) on ``W (T, D)`` float64.  ``Sg`` (float64) is the solve Sigma
+    (:func:`prepare_sigma`'s ``sigma_solve``), the objective is ``Sg - floor * I``.
 
-    Each iteration: ``Sigma Q(V)`` in float64 for the rounded ``V``, the closed-form ``U, G``
-    step in float64, both rounded to ``dt``; the exact error of the rounded ``(U, G, V)`` from
-    float64 terms (:func:`error_from_terms`); then the ``V`` step by CG in ``dt``.
+    Each iteration: ``Sg Q(V)`` in float64 for the rounded ``V``, the closed-form ``U, G`` step
+    in float64, both rounded to ``dt``; the exact objective error of the rounded ``(U, G, V)``
+    from float64 terms (:func:`error_from_terms`; the floor is removed on the small matrices);
+    then the ``V`` step by CG in ``dt``.
     """
     T, D = W.shape
     eyeP = torch.eye(P, dtype=F64, device=W.device)
-    WSt = (W @ s_obj).T.contiguous()                       # (D, T) objective, float64
-    base = float((WSt.T * W).sum())
-    Sd = s_obj.to(dt) if dt != F64 else s_obj.clone()      # solve Sigma in dt
-    if floor:
-        Sd.diagonal().add_(floor)
-    WStd = (WSt + floor * W.T).to(dt)                      # (W Sigma_solve)^T in dt
-    Ss, Sp = partial_traces(s_obj, (S, P), 0)
+    WSt = (W @ Sg).T.contiguous()                          # (D, T) float64
+    base = float((WSt.T * W).sum()) - floor * frob_sq(W)   # objective
+    WStd = WSt.to(dt)
+    Sd = Sg.to(dt)
+    Ss, Sp = partial_traces(Sg, (S, P), 0)
     Ss_inv = spd_solve(Ss, torch.eye(S, dtype=F64, device=W.device)).to(dt)
 
     def sigQ(Vx, Sm):    # Sigma Q(V): (D, R2*P), columns (b, q); Q^T Sigma via Sigma's (s, (q, d)) rows
@@ -184,27 +183,27 @@ def _als_sigma(W, s_obj, floor, S, P, R1, R2, V, max_iter, tol, cg_tol, cg_max_i
     for it in range(1, max_iter + 1):
         Vd = V.to(dt)
         Vr = Vd.to(F64)
-        SQ = sigQ(Vr, s_obj)                               # float64, objective
+        SQ = sigQ(Vr, Sg)                                  # float64
         QSQ = Qt(SQ, Vr)
         QSQ = 0.5 * (QSQ + QSQ.T)
-        WSQ = Qt(WSt, Vr).T                                # (T, R2P) objective
-        QQ = Qt(Qmat(Vr), Vr)                              # Q^T Q
-        WQ = Qt(W.T, Vr).T
-        Cs = spd_solve(QSQ + floor * QQ, WSQ + floor * WQ, right=True)   # C* (T, R2P)
-        Xs = (WSQ + floor * WQ) @ Cs.T
-        _, U = top_eigvecs(Xs, R1)
+        WSQ = Qt(WSt, Vr).T                                # (T, R2P)
+        Cs = spd_solve(QSQ, WSQ, right=True)               # C* (T, R2P)
+        _, U = top_eigvecs(WSQ @ Cs.T, R1)
         G1 = U.T @ Cs                                      # (R1, R2P)
         if not bool(torch.isfinite(G1).all()):
             raise diverged(name, "Tucker2-ALS-Sigma", f"non-finite core at iteration {it}")
         Ur, Gr = rounded(U, dt), rounded(G1, dt)
         UG = Ur @ Gr
+        # objective terms: remove the floor (Q^T Q = V^T V kron I, W Q) from the solve terms
+        QSQo = QSQ - floor * torch.kron(Vr.T @ Vr, eyeP)
+        WSQo = WSQ - floor * Qt(W.T, Vr).T
 
         def residual(UG=UG, Vr=Vr):
-            What = UG @ Qmat(Vr).T
-            return float(((W - What) @ s_obj * (W - What)).sum())
+            E = W - UG @ Qmat(Vr).T
+            return float(((E @ Sg) * E).sum()) - floor * frob_sq(E)
 
-        err = error_from_terms(base, float((UG * WSQ).sum()),
-                               float(((Gr @ QSQ @ Gr.T) * (Ur.T @ Ur)).sum()), residual)
+        err = error_from_terms(base, float((UG * WSQo).sum()),
+                               float(((Gr @ QSQo @ Gr.T) * (Ur.T @ Ur)).sum()), residual)
         if track.step(err / base, it, lambda: (Ur, Gr, Vr)):
             break
         # ---- V step: CG on the coupled normal equations, warm-started ----
@@ -213,8 +212,7 @@ def _als_sigma(W, s_obj, floor, S, P, R1, R2, V, max_iter, tol, cg_tol, cg_max_i
         Ud, G1d = U.to(dt), G1.to(dt)
         rhsQ = (WStd @ Ud) @ G1d                           # (D, R2P)
         rhs = torch.diagonal(rhsQ.reshape(S, P, R2, P), dim1=1, dim2=3).sum(-1)
-        SQd = (SQ + floor * Qmat(Vr)).to(dt)              # Sigma_solve Q(V) in dt
-        r0 = rhs - contract(SQd, GtGp)
+        r0 = rhs - contract(SQ.to(dt), GtGp)
         Z = torch.einsum("aqbp,pq->ab", GtG.reshape(R2, P, R2, P), Sp)
         Z_inv = spd_solve(Z, torch.eye(R2, dtype=F64, device=W.device)).to(dt)
 
@@ -252,9 +250,9 @@ def _tucker2_one(weight, sigma, ranks, max_iter, tol, seed, init, damping, eps_r
         base = frob_sq(W)
     else:
         floor = float((torch.diagonal(s_solve) - torch.diagonal(s_obj)).mean())
-        del s_solve
+        del s_obj
         ct = cg_tol if cg_tol is not None else (1e-10 if dt == F64 else 1e-6)
-        U, core, V, hist, raw, it, conv, base = _als_sigma(W, s_obj, floor, S, P, R1, R2, V0,
+        U, core, V, hist, raw, it, conv, base = _als_sigma(W, s_solve, floor, S, P, R1, R2, V0,
                                                            max_iter, tol, ct, cg_max_iter,
                                                            cg_energy_tol, dt, name)
     rel = hist[-1]
