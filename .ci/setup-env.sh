@@ -18,8 +18,9 @@ if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
     touch "$stamp"
 fi
 
+# DDTD_SKIP_FMNIST=1: no data set (for runs that need none, e.g. benchmarks/gpu_check.sh where apt is out of reach)
 fmnist="${DDTD_FASHION_MNIST:-/usr/share/datasets/fashion-mnist}"
-if [ ! -f "$fmnist/train-images-idx3-ubyte.gz" ]; then
+if [ "${DDTD_SKIP_FMNIST:-0}" != 1 ] && [ ! -f "$fmnist/train-images-idx3-ubyte.gz" ]; then
     echo "setup: installing Fashion-MNIST (apt-get install dataset-fashion-mnist)" >&2
     sudo=""
     [ "$(id -u)" -ne 0 ] && sudo="sudo"

@@ -298,7 +298,7 @@ def cmd_eval(args) -> int:
     shape = (transform.channels, transform.size, transform.size)
     if not args.no_latency:
         models = {"model": model} if ref is None else {"model": model, "reference": ref}
-        lat = paired_latency(models, shape)
+        lat = paired_latency(models, shape, device=args.device)
         res.latency_ms = lat["model"]
         res.reference_latency_ms = lat.get("reference")
     print(f"images: {res.images}")

@@ -1,4 +1,5 @@
-"""Evaluation: top-1 accuracy, agreement with the original model, output error, CPU latency."""
+"""Evaluation: top-1 accuracy, agreement with the original model, output error, latency (on the
+evaluation device)."""
 
 from __future__ import annotations
 
@@ -118,11 +119,12 @@ def latency(model: nn.Module, input_shape: tuple[int, ...], batch_sizes=(1, 32),
 
 
 def paired_latency(models: dict[str, nn.Module], input_shape, batch_sizes=(1, 32), rounds: int = 5,
-                   repeats: int = 10) -> dict[str, dict]:
-    """Latency of several models measured in alternating rounds (fair on a busy machine)."""
+                   repeats: int = 10, device: str | torch.device = "cpu") -> dict[str, dict]:
+    """Latency of several models on ``device`` measured in alternating rounds (fair on a busy
+    machine)."""
     acc: dict[str, dict[str, list]] = {k: {} for k in models}
     for _ in range(rounds):
         for name, m in models.items():
-            for k, v in latency(m, input_shape, batch_sizes, repeats=repeats, warmup=1).items():
+            for k, v in latency(m, input_shape, batch_sizes, repeats=repeats, warmup=1, device=device).items():
                 acc[name].setdefault(k, []).append(v)
     return {name: {k: statistics.median(v) for k, v in d.items()} for name, d in acc.items()}

@@ -361,7 +361,8 @@ def solve(
     sigma_error = relative_sigma_error(Wt, W_new, sigma_c.to(torch.float64))
     # Bias: b~ = b + W mu_in - W~ mu  (mu_in = mu when the inputs are the original ones).
     # The Frobenius baseline uses no data at all unless asked (cfg.bias_correction).
-    b = layer.bias.detach().to(torch.float64) if layer.bias is not None else torch.zeros(W.shape[0], dtype=torch.float64)
+    b = layer.bias.detach().to(torch.float64) if layer.bias is not None else torch.zeros(
+        W.shape[0], dtype=torch.float64, device=W.device)
     mu_in = mean if mean_in is None else mean_in
     Wg, Wng = _split(W.to(torch.float64), g), _split(W_new, g)
     correct = cfg.bias_correction if cfg.bias_correction is not None else cfg.norm == "sigma"
@@ -683,10 +684,10 @@ def compress(
     if cfg.norm != norm:
         cfg = MethodConfig(norm=norm, max_iter=cfg.max_iter, tol=cfg.tol, seed=cfg.seed,
                            damping=cfg.damping, options=cfg.options)
-    if device is not None:
-        model = model.to(device)
-    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
     work, records = prepare(model)
+    if device is not None:
+        work = work.to(device)  # the copy: the caller's model stays on its device
+    dev = next((p.device for p in work.parameters()), torch.device("cpu"))
 
     # Calibration inputs kept in memory when sequential fitting may need them again.
     batches = None
@@ -721,6 +722,9 @@ def compress(
             raise InputError("nothing to calibrate on", hint="pass data (images / DataLoader / tensor) or a store")
         moments = calibrate(work, torch.cat(batches), batch_size=batch_size, show_progress=show_progress,
                             check_variance=False).moments
+        # on the CPU, like a store's: every later stage sees the same kind of moments, and
+        # moves each layer's Sigma to the device only while fitting it
+        moments = {n: lm.to_cpu() for n, lm in moments.items()}
     t_cal = time.time() - t_cal
 
     flat = set(warn_zero_variance({n: moments[n] for n in select_layers(work, layers) if n in moments}))

@@ -133,7 +133,7 @@ def whitened_spectrum(weight: torch.Tensor, sigma: torch.Tensor | None) -> torch
     if sigma is None:
         G = W @ W.transpose(1, 2)
     else:
-        G = W @ sigma.to(torch.float64) @ W.transpose(1, 2)
+        G = W @ sigma.to(W.device, torch.float64) @ W.transpose(1, 2)
     try:
         ev = torch.linalg.eigvalsh(G)
     except torch.linalg.LinAlgError:  # rare non-convergence on ill-conditioned inputs

@@ -602,7 +602,7 @@ def fast_correlation(
     ti, tj = -(-ha // mi), -(-wa // mj)
     dt = a.dtype
     k = pi * pj
-    gi, gj, bi, bj = gi.to(dt), gj.to(dt), bi.to(dt), bj.to(dt)
+    gi, gj, bi, bj = (t.to(a.device, dt) for t in (gi, gj, bi, bj))  # cached on the CPU
     wv = tj * mj + rj - 1  # columns lj0 .. Tj*mj + lj1 - 1 of b
 
     same = a is b and li0 <= 0 <= li1 and lj0 <= 0 <= lj1  # u's tiles lie inside v's buffer
@@ -672,7 +672,7 @@ def fast_correlation(
             for grp in range(groups):
                 sl = slice(grp * cg, (grp + 1) * cg)
                 prods[:, grp].baddbmm_(ut[:, :, sl].transpose(1, 2), vt[:, :, sl])
-    out = _mix(torch.kron(ai_, aj_).T.contiguous().to(dt), prods.view(k, -1))
+    out = _mix(torch.kron(ai_, aj_).T.contiguous().to(a.device, dt), prods.view(k, -1))
     return out.view(ri, rj, groups, cg, cg)
 
 

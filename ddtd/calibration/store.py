@@ -128,7 +128,7 @@ def validate_moments(name: str, lm: LayerMoments, where: str = "the store") -> N
     if bool((xs.pow(2) > tol * lm.count * d + 1e-300).any()):
         raise InputError(f"layer '{name}' in {where}: x_sum and xxT are inconsistent "
                          f"(x_sum_i^2 > count * xxT_ii with count {lm.count})", hint=hint)
-    eye = torch.eye(xxT.shape[-1], dtype=torch.float64)
+    eye = torch.eye(xxT.shape[-1], dtype=torch.float64, device=xxT.device)
     jitter = PSD_JITTER * d.sum(-1).clamp_min(1e-300)
     _, info = torch.linalg.cholesky_ex(xxT + jitter[:, None, None] * eye)
     if bool((info != 0).any()):

@@ -468,7 +468,7 @@ def fit_diagnostics(weight: torch.Tensor, approx: torch.Tensor,
     """
     T = weight.shape[0]
     W = _as_rows(weight, T)
-    A = _as_rows(approx, T)
+    A = _as_rows(approx, T).to(W.device)  # the fit may live on another device (device=)
     if A.shape != W.shape:
         raise InputError(f"approx has {approx.numel()} elements, the weight {weight.numel()}",
                          hint="pass W~ in the weight's layout")
@@ -476,7 +476,7 @@ def fit_diagnostics(weight: torch.Tensor, approx: torch.Tensor,
     out = {"norm_ratio": float(A.norm()) / nw if nw > 0 else math.inf,
            "identity_error": float((W - A).norm()) / nw if nw > 0 else math.inf}
     if sigma is not None:
-        s = sigma.to(F64)
+        s = sigma.to(W.device, F64)
         s3 = s if s.dim() == 3 else s[None]
         g = s3.shape[0]
         Wg, Eg = W.reshape(g, T // g, -1), (W - A).reshape(g, T // g, -1)

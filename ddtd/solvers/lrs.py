@@ -507,7 +507,8 @@ def _batched_spd_solve(A: torch.Tensor, b: torch.Tensor, md) -> torch.Tensor:
     eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
     while bool(bad.any()):
         if jitter > 1e-2:
-            x[bad] = torch.linalg.lstsq(A[bad], bb[bad], driver="gelsd").solution
+            # gelsd (rank-revealing) exists on the CPU only; CUDA's gels assumes full rank
+            x[bad] = torch.linalg.lstsq(A[bad].cpu(), bb[bad].cpu(), driver="gelsd").solution.to(x.device)
             break
         Lb, ib = torch.linalg.cholesky_ex(A[bad] + jitter * md[bad][:, None, None] * eye)
         xb = torch.cholesky_solve(bb[bad], Lb)
