@@ -27,7 +27,7 @@ import torch
 
 from ddtd.errors import InputError
 
-from ._common import (checked_sigma, default_damping, eigh, error_from_terms, fit_diagnostics, F64, _where,
+from ._common import (CANCEL, checked_sigma, default_damping, eigh, error_from_terms, fit_diagnostics, F64, _where,
                       check_finite, combine_histories, resolve_device_dtype, rounded, sigma_error,
                       split_groups)
 
@@ -77,8 +77,11 @@ def _svd_one(W: torch.Tensor, sigma, rank: int, damping: float, dev, dtype, name
 
     ``A = U_r``, ``B = U_r^T W`` are rounded to ``dtype``; the error is that of the rounded
     ``A @ B``: the sum of the discarded eigenvalues for float64, else ``trace(W S W^T) -
-    2 trace(A B S W^T) + trace(A^T A  B S B^T)`` in float64 (``r D^2`` more work than the
-    ``T D^2`` of ``W S``).
+    2 trace(A B S W^T) + trace(A^T A  B S B^T)`` in float64, with ``B S B^T`` expanded around
+    the unrounded ``B0 = U^T W`` (``dB = B - B0``): ``U^T (W S W^T) U + (U^T W S) dB^T +
+    dB (U^T W S)^T``, i.e. without the second-order ``dB S dB^T`` (at most ``2^-48 lambda_max(S)
+    ||W||_F^2``); no product with ``S`` beyond ``W S``.  Small errors (:data:`CANCEL`) are
+    taken from the explicit residual.
     """
     T, D = W.shape
     r = _check_rank(rank, T, D, name)
@@ -102,11 +105,15 @@ def _svd_one(W: torch.Tensor, sigma, rank: int, damping: float, dev, dtype, name
     if dtype == F64:
         err = float(w[r:].clamp_min(0).sum())
     else:
-        U, B = rounded(U, dtype), rounded(B, dtype)
-        BS = B if S is None else B @ S
-        err = error_from_terms(base, float(((U @ B) * WS).sum()),
-                               float(((BS @ B.T) * (U.T @ U)).sum()),
-                               lambda: sigma_error(W64 - U @ B, S, F64))
+        Ur, Br = rounded(U, dtype), rounded(B, dtype)
+        UWS = U.T @ WS                                     # (r, D)
+        dBt = (Br - B).T
+        BSB = U.T @ X @ U + UWS @ dBt
+        BSB = BSB + BSB.T - U.T @ X @ U                    # U^T X U + UWS dB^T + dB UWS^T
+        err = error_from_terms(base, float(((Ur @ Br) * WS).sum()),
+                               float((BSB * (Ur.T @ Ur)).sum()),
+                               lambda: sigma_error(W64 - Ur @ Br, S, F64))
+        U, B = Ur, Br
     rel = err / base if base > 0 else 0.0
     return U.to(dtype), B.to(dtype), rel, err, base
 
