@@ -29,8 +29,8 @@ EXACT = 1e-6
 SLACK = 1e-12
 #: float32 against float64 inputs: relative difference of the errors, and of the fits
 #: (``||W~_32 - W~_64||_S / ||W||_S``), at the default damping
-AGREE_ERR = 1e-3
-AGREE_FIT = 3e-3
+AGREE_ERR = 1e-4
+AGREE_FIT = 3e-4
 
 T, S_, K = 12, 8, 3
 D = S_ * K * K
