@@ -16,7 +16,8 @@ Part of ``benchmarks/gpu_check.sh``. Three tables:
    calibration above: seconds per device, speed-up, and each device's relative Sigma error
    (they must agree).
 3. **Compress** (a GPU only, skipped with ``--quick``): ``ddtd.compress`` of the ResNet-18 at 2x
-   with ``svd`` on the device, wall time and the report's stage times.
+   with ``svd`` and default settings on the device (at most 64 photos), wall time and the
+   report's stage times.
 
 Calibration figures on the GPU are the median of ``--repeats`` runs after one warm-up run (CUDA
 context, cuDNN autotuning), on the CPU one run after a warm-up; every solver runs once per device,
@@ -44,6 +45,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 OUT = io.StringIO()
 T0 = time.time()
+
+
+def save(args) -> None:
+    """Write what was logged so far to ``--out`` (after every section: a run stopped from
+    outside keeps its finished tables)."""
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(OUT.getvalue())
 
 
 def over_time(args) -> bool:
@@ -259,7 +269,7 @@ def compress_table(dev, args, failures) -> None:
 
     import ddtd
 
-    n, size = args.images, 224
+    n, size = min(args.images, 64), 224
     x = photos(n, size, seed=1)
     log(f"\n## Compress: ResNet-18 (random weights), {n} photos at {size} px, ratio 2, method svd, on {dev}")
     try:
@@ -312,7 +322,9 @@ def main(argv=None) -> int:
         f"CPU: {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {platform.processor() or platform.machine()}")
     failures: list[str] = []
     model, moments = calibration_table(devices, args, failures)
+    save(args)
     solver_table(devices, args, model, moments, failures)
+    save(args)
     if dev.type == "cuda" and not args.quick and not args.no_compress:
         if over_time(args):
             log(f"\n## Compress: left out, the run is past --time-limit {args.time_limit:.0f} s")
@@ -320,10 +332,7 @@ def main(argv=None) -> int:
             compress_table(dev, args, failures)
     log(f"\ntotal {time.time() - T0:.0f} s; " + ("all sections ran" if not failures else
                                                  f"{len(failures)} FAILED: " + "; ".join(failures)))
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(OUT.getvalue())
+    save(args)
     return 1 if failures else 0
 
 
