@@ -528,9 +528,10 @@ def _sparse_sig_mul(S: torch.Tensor, M: torch.Tensor, sigma: torch.Tensor) -> to
     idx = M.nonzero()
     if idx.shape[0] == 0:
         return torch.zeros_like(S)
-    sp = torch.sparse_coo_tensor(idx.T, S[idx[:, 0], idx[:, 1]], S.shape, check_invariants=False,
-                                 is_coalesced=True)          # nonzero(): sorted, unique
-    return torch.sparse.mm(sp, sigma)
+    with torch.sparse.check_sparse_tensor_invariants(enable=False):   # nonzero(): sorted, unique
+        sp = torch.sparse_coo_tensor(idx.T, S[idx[:, 0], idx[:, 1]], S.shape,
+                                     check_invariants=False, is_coalesced=True)
+        return torch.sparse.mm(sp, sigma)
 
 
 def _err(E: torch.Tensor, sigma: torch.Tensor | None) -> float:
