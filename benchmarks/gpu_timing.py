@@ -92,17 +92,10 @@ def photos(n: int, size: int, seed: int = 0) -> torch.Tensor:
     srcs = []
     try:
         import numpy as np
-        import skimage.data
 
-        for name in ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
-                     "camera", "moon", "coins", "brick", "grass", "gravel"):
-            try:
-                arr = np.asarray(getattr(skimage.data, name)())
-            except Exception:  # a photo that would need a download
-                continue
-            if arr.ndim == 2:
-                arr = np.repeat(arr[:, :, None], 3, axis=2)
-            srcs.append(torch.from_numpy(arr[:, :, :3].astype(np.float32) / 255).permute(2, 0, 1))
+        from photos import sources  # benchmarks/photos.py: the photographs available offline
+
+        srcs = [torch.from_numpy(a.astype(np.float32) / 255).permute(2, 0, 1) for a in sources().values()]
     except ImportError:
         pass
     if not srcs:  # smoothed noise: correlated like photos, no package needed

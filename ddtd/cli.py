@@ -204,6 +204,14 @@ def cmd_compress(args) -> int:
     resolve_device(args.device)
     if args.images is None and args.calib is None:
         raise DdtdError("nothing to fit against", hint="pass --calib STORE.h5 (from ddtd calibrate) or --images DIR")
+    if args.min_agreement is not None and args.max_drop is not None:
+        raise DdtdError("give --min-agreement or --max-drop, not both", hint="--max-drop D is --min-agreement 1-D")
+    min_agreement = args.min_agreement if args.max_drop is None else 1 - args.max_drop
+    if (min_agreement is not None or args.max_output_error is not None) and args.images is None:
+        raise DdtdError("a fidelity target is measured on held-out images", hint="pass --images DIR")
+    if all(x is None for x in (args.ratio, args.rank, args.ranks, args.error, min_agreement, args.max_output_error)) \
+            and args.strategy != "vbmf":
+        raise DdtdError("no size given", hint="pass --ratio R, --min-agreement A, --rank R, --ranks FILE or --error E")
     exports = {f"--export {args.export}": out.with_suffix(".ts" if args.export == "torchscript" else ".onnx")
                } if args.export else {}
     check_outputs({"-o": out, "--report-json": args.report_json, **exports},
@@ -238,16 +246,38 @@ def cmd_compress(args) -> int:
         sequential=args.sequential, config=cfg, num_images=args.num_images, batch_size=args.batch_size,
         transform=transform, seed=args.seed, device=args.device,
         input_shape=(transform.channels, transform.size, transform.size),
+        min_agreement=min_agreement, max_output_error=args.max_output_error, allocation=args.allocation,
+        holdout=args.holdout,
     )
     save_model(result.model, out, spec=model.ddtd_spec, replacements=result.records,
                report=result.report.to_dict(), transform=transform.to_dict())
     print(format_report(result.report))
+    _print_fidelity(result.report.fidelity)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
     if args.report_json:
         write_json(result.report.to_dict(), args.report_json)
     if args.export:
         _export(result.model, out, args.export, (1, transform.channels, transform.size, transform.size))
     return 0
+
+
+def _print_fidelity(fid: dict) -> None:
+    """Held-out fidelity lines of a compression (and the probe curve of a target search)."""
+    for c in fid.get("curve") or []:
+        if c.get("relative_error") is None:
+            print(f"  probe {c['ratio']:.3f}x: out of reach")
+            continue
+        agree = "-" if c.get("agreement") is None else f"{100 * c['agreement']:.1f}%"
+        print(f"  probe {c['ratio']:.3f}x: agreement {agree}, output error {c['relative_error']:.3f}"
+              f"{'  (meets the target)' if c.get('meets') and fid.get('target') else ''}")
+    h = fid.get("heldout")
+    if h:
+        agree = "-" if h.get("agreement") is None else f"{100 * h['agreement']:.2f}%"
+        print(f"held-out fidelity ({h['images']} calibration inputs not used to fit): top-1 agreement {agree}, "
+              f"relative output error {h['relative_error']:.4f}")
+    if fid.get("safe_ratio_estimate"):
+        print(f"POOR FIDELITY: a ratio of about {fid['safe_ratio_estimate']:.2f}x keeps 99% agreement "
+              "(--min-agreement 0.99)")
 
 
 def _export(model, out: Path, kind: str, shape) -> None:
@@ -428,6 +458,20 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--rank", type=_rank, help="every layer: an int rank, or a float > 1 = per-layer ratio")
     size.add_argument("--ranks", help='JSON file {"layer": rank or [R1, R2]}')
     size.add_argument("--error", type=_error_budget, help="per-layer relative Sigma error budget, e.g. 0.05")
+    size.add_argument("--min-agreement", type=_bounded_float(lambda v: 0 < v <= 1, "a number in (0, 1]"),
+                      help="fidelity target instead of a size: the largest whole-model ratio whose top-1 "
+                           "agreement with the original, on calibration images held out of the fit, is at "
+                           "least this (e.g. 0.95); needs --images")
+    size.add_argument("--max-drop", type=_bounded_float(lambda v: 0 <= v < 1, "a number in [0, 1)"),
+                      help="the same target as a drop: --max-drop 0.05 = --min-agreement 0.95")
+    p.add_argument("--max-output-error", type=_bounded_float(lambda v: v > 0, "a number > 0"),
+                   help="fidelity target (alone or with --min-agreement): the held-out relative output error "
+                        "||f~(x) - f(x)|| / ||f(x)|| may be at most this")
+    p.add_argument("--allocation", choices=["sensitivity", "relative"], default="sensitivity",
+                   help="--strategy global: weigh each layer's error by its effect on the model's output "
+                        "(sensitivity, default; needs --images) or relative to its own output energy")
+    p.add_argument("--holdout", type=_bounded_float(lambda v: 0 <= v < 1, "a number in [0, 1)"), default=0.125,
+                   help="share of the --images held out of the fit to measure fidelity (default 0.125; 0: none)")
     p.add_argument("--budget", choices=["params", "flops"], default="params", help="what --ratio counts")
     p.add_argument("--strategy", choices=["global", "uniform", "vbmf"], default="global")
     p.add_argument("--layers", help="globs of layers to compress (default: all but the first conv and the classifier)")

@@ -121,15 +121,20 @@ def format_macs(fmt: str, shape: LayerShape, ranks) -> int:
     raise InputError(f"unknown format {fmt!r}")
 
 
-def whitened_spectrum(weight: torch.Tensor, sigma: torch.Tensor | None) -> torch.Tensor:
-    """Squared singular values of ``W Sigma^{1/2}`` per group, descending: ``(g, min(T_g, D))``.
+def whitened_spectrum(weight: torch.Tensor, sigma: torch.Tensor | None,
+                      out_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared singular values of ``D^{1/2} W Sigma^{1/2}`` per group, descending:
+    ``(g, min(T_g, D))``.
 
-    Computed as the eigenvalues of ``W Sigma W^T`` (``T x T``), float64. ``sigma`` is
-    ``(g, D, D)`` (or ``None``: the plain spectrum of ``W``).
+    Computed as the eigenvalues of ``D^{1/2} W Sigma W^T D^{1/2}`` (``T x T``), float64.
+    ``sigma`` is ``(g, D, D)`` (or ``None``: ``Sigma = I``); ``out_weights`` the ``(T,)``
+    output-channel weights ``D`` (:func:`ddtd.sensitivity.output_sensitivity`; ``None``: ``I``).
     """
     T = weight.shape[0]
     g = 1 if sigma is None else sigma.shape[0]
     W = weight.reshape(g, T // g, -1).to(torch.float64)
+    if out_weights is not None:
+        W = W * out_weights.to(torch.float64).sqrt().reshape(g, T // g, 1)
     if sigma is None:
         G = W @ W.transpose(1, 2)
     else:
@@ -137,7 +142,7 @@ def whitened_spectrum(weight: torch.Tensor, sigma: torch.Tensor | None) -> torch
     try:
         ev = torch.linalg.eigvalsh(G)
     except torch.linalg.LinAlgError:  # rare non-convergence on ill-conditioned inputs
-        from .solvers._common import eigh
+        from .solvers import eigh
 
         ev = eigh(G)[0]
     ev = ev.clamp_min(0).flip(-1)
@@ -152,12 +157,15 @@ def spectrum_error(spec2: torch.Tensor, rank: int) -> float:
     return float(spec2[:, rank:].sum()) / total
 
 
-def _error_at_fraction(spec2: torch.Tensor, shape: LayerShape, frac: float) -> float:
-    """Error curve indexed by the kept fraction of parameters, via the SVD format."""
+def _error_at_fraction(spec2: torch.Tensor, shape: LayerShape, frac: float, weight: float | None = None) -> float:
+    """Error curve indexed by the kept fraction of parameters, via the SVD format: relative to
+    the layer's output energy, or ``weight`` times the absolute discarded energy."""
     g = shape.groups
     per_rank = param_count("svd", shape.T // g, shape.S, shape.kh, shape.kw, 1) * g
-    r = int(frac * shape.dense_params // per_rank)
-    return spectrum_error(spec2, max(0, min(r, spec2.shape[1])))
+    r = max(0, min(int(frac * shape.dense_params // per_rank), spec2.shape[1]))
+    if weight is None:
+        return spectrum_error(spec2, r)
+    return weight * float(spec2[:, r:].sum())
 
 
 def resolve_rank(request, fmt: str, shape: LayerShape, spec2: torch.Tensor | None = None, name: str = "?"):
@@ -230,8 +238,9 @@ def _uniform_plan(shapes, fmts, target, measure, fixed):
     return total_at(hi)[0]
 
 
-def _global_plan(shapes, fmts, target, measure, fixed, spectra, steps=64):
-    """Greedy: repeatedly shrink the layer whose error rises least per unit saved."""
+def _global_plan(shapes, fmts, target, measure, fixed, spectra, steps=64, weights=None):
+    """Greedy: repeatedly shrink the layer whose error rises least per unit saved (errors
+    relative to each layer's output energy, or weighted absolute errors, see :func:`allocate`)."""
     frac = {n: 1.0 for n in shapes}
     cost = {n: measure("dense", s, None) for n, s in shapes.items()}
 
@@ -261,15 +270,18 @@ def _global_plan(shapes, fmts, target, measure, fixed, spectra, steps=64):
             saved = cost[name] - new_cost
             if saved > 0:
                 break
-        err_now = _error_at_fraction(spectra[name], shape, f) if f < 1.0 else 0.0
-        err_new = _error_at_fraction(spectra[name], shape, new_f)
+        w = None if weights is None else weights[name]
+        err_now = _error_at_fraction(spectra[name], shape, f, w) if f < 1.0 else 0.0
+        err_new = _error_at_fraction(spectra[name], shape, new_f, w)
         return ((err_new - err_now) / saved, name, new_f, new_cost)
 
     total = fixed + sum(cost.values())
     heap = [c for c in (candidate(n) for n in shapes) if c is not None]
     heapq.heapify(heap)
+    last = None
     while total > target and heap:
         _, name, new_f, new_cost = heapq.heappop(heap)
+        last = (name, frac[name])
         total += new_cost - cost[name]
         cost[name], frac[name] = new_cost, new_f
         nxt = candidate(name)
@@ -277,6 +289,21 @@ def _global_plan(shapes, fmts, target, measure, fixed, spectra, steps=64):
             heapq.heappush(heap, nxt)
     if total > target:
         return None
+    if last is not None:  # the last step may overshoot: keep as much of that layer as still fits
+        name, f_hi = last
+        f_lo, shape = frac[name], shapes[name]
+        for _ in range(30):
+            mid = 0.5 * (f_lo + f_hi)
+            r = ranks_at(name, mid)
+            c = measure("dense", shape, None) if r is None else measure(fmts[name], shape, r)
+            if total - cost[name] + c <= target:
+                f_lo = mid
+            else:
+                f_hi = mid
+        r = ranks_at(name, f_lo)
+        c = measure("dense", shape, None) if r is None else measure(fmts[name], shape, r)
+        total += c - cost[name]
+        cost[name], frac[name] = c, f_lo
     return {n: ranks_at(n, frac[n]) for n in shapes}
 
 
@@ -295,7 +322,8 @@ def _first_fraction(shape: LayerShape, fmt: str) -> float:
 
 def allocate(shapes: dict[str, LayerShape], fmts: dict[str, str], ratio: float, *, total: int,
              budget: str = "params", strategy: str = "global",
-             spectra: dict[str, torch.Tensor] | None = None) -> dict:
+             spectra: dict[str, torch.Tensor] | None = None,
+             weights: dict[str, float] | None = None) -> dict:
     """Per-layer ranks (``None`` = leave dense) so that the whole model shrinks by ``ratio``.
 
     Args:
@@ -304,6 +332,12 @@ def allocate(shapes: dict[str, LayerShape], fmts: dict[str, str], ratio: float, 
             (``budget="flops"``).
         total: the whole model's parameters (or multiply-adds), selected layers included.
         strategy: ``uniform`` or ``global`` (``global`` needs ``spectra``).
+        weights: ``global`` only. ``None``: a layer's error is its discarded Sigma energy relative
+            to its own output energy (every layer counts alike). Otherwise the error of layer
+            ``l`` is ``weights[l] * E||y_l - y~_l||^2``, the absolute discarded energy per output
+            position weighted by the layer's effect on the model's output
+            (:func:`ddtd.sensitivity.output_sensitivity`), so the budget goes where the model's
+            output changes least.
     """
     if not ratio > 1:
         raise InputError(f"the compression ratio must be > 1, got {ratio}", hint="e.g. --ratio 4")
@@ -316,7 +350,7 @@ def allocate(shapes: dict[str, LayerShape], fmts: dict[str, str], ratio: float, 
     if strategy == "uniform":
         plan = _uniform_plan(shapes, fmts, target, measure, fixed)
     elif strategy == "global":
-        plan = _global_plan(shapes, fmts, target, measure, fixed, spectra)
+        plan = _global_plan(shapes, fmts, target, measure, fixed, spectra, weights=weights)
     else:
         raise InputError(f"unknown rank strategy {strategy!r}", hint="use uniform, global or vbmf")
     if plan is None:

@@ -60,9 +60,10 @@ MOMENT_RTOL = 1e-5
 #: (cuDNN may pick Winograd / FFT kernels, float32 rounding of another order), a few layers deep.
 CALIB_RTOL = 1e-4
 #: Solver errors: exact solvers (Sigma-SVD) to float64 rounding through float32 factors;
-#: iterative ones (ALS, CG, support selection) may take a slightly different path.
+#: iterative ones (ALS, CG, support selection) may take a slightly different path: a whole
+#: compression on an H200 differed from the CPU's by up to 0.8% of a layer's error (lrs, cp3).
 EXACT_RTOL = 1e-5
-ITERATIVE_RTOL = 2e-3
+ITERATIVE_RTOL = 2e-2
 #: Compressed models' outputs (same plan, float32 forward passes): relative difference.
 OUTPUT_RTOL = 1e-3
 

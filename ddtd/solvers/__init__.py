@@ -21,6 +21,7 @@ to ``0``.  Every result has an ``info`` dict with ``damping``, ``norm_ratio`` an
 """
 
 from ._common import DAMPING, NORM_GROWTH_WARN, default_damping, fit_diagnostics, norm_growth_warning
+from ._common import eigh
 from .cp import CPResult, cp3, cp4, cp_als, khatri_rao
 from .formats import FORMATS, param_count, rank_for_budget, rank_for_ratio
 from .svd import SVDResult, sigma_svd, sigma_svd_cross
@@ -36,6 +37,7 @@ SOLVERS = {
 }
 
 __all__ = [
+    "eigh",
     "CPResult", "SVDResult", "Tucker2Result", "SOLVERS", "FORMATS",
     "cp3", "cp4", "cp_als", "khatri_rao", "sigma_svd", "sigma_svd_cross", "tucker2",
     "param_count", "rank_for_budget", "rank_for_ratio",
