@@ -472,7 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(sensitivity, default; needs --images) or relative to its own output energy")
     p.add_argument("--holdout", type=_bounded_float(lambda v: 0 <= v < 1, "a number in [0, 1)"), default=0.125,
                    help="share of the --images held out of the fit to measure fidelity (default 0.125; 0: none)")
-    p.add_argument("--budget", choices=["params", "flops"], default="params", help="what --ratio counts")
+    p.add_argument("--budget", choices=["both", "params", "flops"], default="both",
+                   help="what --ratio counts: both (default) = parameters, and no layer may get more "
+                        "multiply-adds than its dense original; params = bytes only (low rank + sparse, "
+                        "which runs dense, may be chosen); flops = multiply-adds")
     p.add_argument("--strategy", choices=["global", "uniform", "vbmf"], default="global")
     p.add_argument("--layers", help="globs of layers to compress (default: all but the first conv and the classifier)")
     p.add_argument("--include-first", action="store_true", help="also compress the input layer")

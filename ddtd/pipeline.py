@@ -157,7 +157,7 @@ def plan(
     method: str = "auto",
     norm: str = "sigma",
     ratio: float | None = None,
-    budget: str = "params",
+    budget: str = "both",
     rank=None,
     ranks: dict[str, Any] | None = None,
     error: float | None = None,
@@ -241,7 +241,7 @@ def plan(
     # every candidate is then fitted at that budget and the best one kept).
     fmts = {n: _yardstick(p.method if method != "auto" else "svd") for n, p in active.items()}
     if ratio is not None:
-        total = (sum(p.numel() for p in model.parameters()) if budget == "params"
+        total = (sum(p.numel() for p in model.parameters()) if budget in ("params", "both")
                  else sum(macs.values()))
         # output-weighted spectra are in one unit (the model's loss): compare them as they are
         w = None if weights is None else {n: 1.0 for n in active}
@@ -306,9 +306,15 @@ def _kept_dense_depthwise(layer: nn.Module, method: str, rank) -> bool:
 AUTO_LRS_MAX_WEIGHTS = 1 << 20
 
 
+#: What a whole-model ratio counts: ``both`` (default) parameters, with no layer allowed more
+#: multiply-adds than its dense original; ``params`` parameters alone (bytes only: low rank +
+#: sparse, which runs a dense layer, may be chosen); ``flops`` multiply-adds.
+BUDGETS = ("both", "params", "flops")
+
+
 def _auto_candidates(budget: str) -> tuple[str, ...]:
-    """Methods ``auto`` compares; low-rank + sparse only when the budget is parameters (it
-    saves bytes, not multiply-adds)."""
+    """Methods ``auto`` compares; low-rank + sparse only when the budget is bytes alone (it
+    saves bytes, not multiply-adds: it runs as a dense layer)."""
     return AUTO_METHODS + (("lrs",) if budget == "params" else ())
 
 
@@ -682,8 +688,8 @@ def _check_request(model: nn.Module, *, ratio, rank, error, budget, strategy, me
     resolve_device(device)
     if norm not in ("sigma", "frobenius"):
         raise InputError(f"unknown norm {norm!r}", hint="use 'sigma' or 'frobenius'")
-    if budget not in ("params", "flops"):
-        raise InputError(f"unknown budget {budget!r}", hint="use 'params' or 'flops'")
+    if budget not in BUDGETS:
+        raise InputError(f"unknown budget {budget!r}", hint="use 'both', 'params' or 'flops'")
     if strategy not in ("global", "uniform", "vbmf"):
         raise InputError(f"unknown rank strategy {strategy!r}", hint="use global, uniform or vbmf")
     if method != "auto":
@@ -722,7 +728,7 @@ def compress(
     *,
     store: str | CovarianceStore | None = None,
     ratio: float | None = None,
-    budget: str = "params",
+    budget: str = "both",
     rank=None,
     ranks: dict | None = None,
     error: float | None = None,
@@ -752,7 +758,11 @@ def compress(
         data: an image folder, a DataLoader or a tensor batch (calibration inputs). Optional
             when ``store`` is given (then ``sequential`` is not available).
         store: a covariance store (path or object) made for this model.
-        ratio / budget: whole-model compression ratio in ``params`` or ``flops``.
+        ratio / budget: whole-model compression ratio; ``budget`` (:data:`BUDGETS`): ``both``
+            (default) counts parameters and keeps every layer at most as many multiply-adds as
+            its dense original (a format that would be slower is not chosen; a layer no format
+            fits stays dense); ``params`` counts bytes only (low rank + sparse allowed);
+            ``flops`` counts multiply-adds.
         rank / ranks / error: size every layer by an explicit rank (int) or layer ratio
             (float > 1), per-layer ranks, or a relative Sigma error budget.
         method: ``svd``, ``tucker2``, ``cp3``, ``cp4`` or ``auto`` (per layer, the lowest error
@@ -1042,9 +1052,13 @@ def _fit_all(work: nn.Module, moments, plan_kw: dict, weights, records0: list, b
             # no variance: fit the weights; the bias correction keeps the (constant) outputs exact
             lcfg = replace(cfg, norm="frobenius", bias_correction=True)
         best = None
+        slower = []
         for m in p.candidates if method == "auto" else [p.method]:
             r = p.ranks if m == p.method or method != "auto" else _ranks_for_format(m, shapes[p.name], p.ranks)
             if r is None:
+                continue
+            if plan_kw["budget"] != "params" and layer_macs(m, shapes[p.name], r) > mac_b:
+                slower.append(m)  # more multiply-adds than the dense layer: never, unless bytes only
                 continue
             mcfg = lcfg
             if m == "lrs" and p.name in select and target is None and lcfg.norm == "sigma":
@@ -1055,6 +1069,12 @@ def _fit_all(work: nn.Module, moments, plan_kw: dict, weights, records0: list, b
                 else out["weight_error"]
             if best is None or score < best[0]:
                 best = (score, m, r, out)
+        if best is None:
+            report.layers.append(LayerReport(
+                p.name, type(layer).__name__, "dense", None, before, before, mac_b, mac_b, None, None,
+                time.time() - ts, f"{'/'.join(slower)} at this size would need more multiply-adds than the "
+                "dense layer (--budget params allows it)"))
+            continue
         _, m, r, out = best
         if method == "auto" and m in ("cp3", "cp4") and cfg.options.get("auto", {}).get("stabilize", True):
             # same error bound, lower sensitivity: robust to rounding and to upstream errors

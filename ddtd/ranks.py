@@ -238,7 +238,7 @@ def _uniform_plan(shapes, fmts, target, measure, fixed):
     return total_at(hi)[0]
 
 
-def _global_plan(shapes, fmts, target, measure, fixed, spectra, steps=64, weights=None):
+def _global_plan(shapes, fmts, target, measure, fixed, spectra, steps=64, weights=None, max_layer_error=None):
     """Greedy: repeatedly shrink the layer whose error rises least per unit saved (errors
     relative to each layer's output energy, or weighted absolute errors, see :func:`allocate`)."""
     frac = {n: 1.0 for n in shapes}
@@ -270,6 +270,8 @@ def _global_plan(shapes, fmts, target, measure, fixed, spectra, steps=64, weight
             saved = cost[name] - new_cost
             if saved > 0:
                 break
+        if max_layer_error is not None and _error_at_fraction(spectra[name], shape, new_f) > max_layer_error:
+            return None
         w = None if weights is None else weights[name]
         err_now = _error_at_fraction(spectra[name], shape, f, w) if f < 1.0 else 0.0
         err_new = _error_at_fraction(spectra[name], shape, new_f, w)
@@ -320,8 +322,15 @@ def _first_fraction(shape: LayerShape, fmt: str) -> float:
     return 0.0
 
 
+#: With weighted errors, no layer may lose more than this share of its own (weighted) output
+#: energy; the smallest cap that reaches the target is used. The second-order weights price
+#: small errors well and large ones badly (a layer cut to rank 1-2 can destroy a model the
+#: weights call cheap), so the budget is spread before it is concentrated.
+LAYER_ERROR_CAPS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, None)
+
+
 def allocate(shapes: dict[str, LayerShape], fmts: dict[str, str], ratio: float, *, total: int,
-             budget: str = "params", strategy: str = "global",
+             budget: str = "both", strategy: str = "global",
              spectra: dict[str, torch.Tensor] | None = None,
              weights: dict[str, float] | None = None) -> dict:
     """Per-layer ranks (``None`` = leave dense) so that the whole model shrinks by ``ratio``.
@@ -341,16 +350,20 @@ def allocate(shapes: dict[str, LayerShape], fmts: dict[str, str], ratio: float, 
     """
     if not ratio > 1:
         raise InputError(f"the compression ratio must be > 1, got {ratio}", hint="e.g. --ratio 4")
-    measure = format_params if budget == "params" else format_macs
-    if budget not in ("params", "flops"):
-        raise InputError(f"unknown budget {budget!r}", hint="use params or flops")
+    measure = format_params if budget in ("params", "both") else format_macs
+    if budget not in ("params", "both", "flops"):
+        raise InputError(f"unknown budget {budget!r}", hint="use both, params or flops")
     selected = sum(measure("dense", s, None) for s in shapes.values())
     fixed = total - selected
     target = total / ratio
     if strategy == "uniform":
         plan = _uniform_plan(shapes, fmts, target, measure, fixed)
     elif strategy == "global":
-        plan = _global_plan(shapes, fmts, target, measure, fixed, spectra, weights=weights)
+        plan = None
+        for cap in (LAYER_ERROR_CAPS if weights is not None else (None,)):
+            plan = _global_plan(shapes, fmts, target, measure, fixed, spectra, weights=weights, max_layer_error=cap)
+            if plan is not None:
+                break
     else:
         raise InputError(f"unknown rank strategy {strategy!r}", hint="use uniform, global or vbmf")
     if plan is None:

@@ -179,3 +179,24 @@ def test_sensitivity_allocation_lowers_the_output_error(single_thread):
         assert res.report.settings["allocation"] == alloc
     assert errs["sensitivity"] < 0.7 * errs["relative"], errs
     assert math.isfinite(errs["sensitivity"])
+
+
+def test_default_budget_never_picks_a_format_slower_than_dense(single_thread):
+    """--budget both (default): auto never chooses low rank + sparse (it runs as a dense layer)
+    and no layer gets more multiply-adds than its original; --budget params (bytes only) may."""
+    torch.manual_seed(0)
+    net = _Classifier().eval()
+    x = torch.randn(64, 3, 8, 8)
+    kw = dict(ratio=2.5, method="auto", sequential=False, holdout=0, config=None, show_progress=False)
+    both = ddtd.compress(net, x, **kw)
+    assert both.report.settings["budget"] == "both"
+    rows = [r for r in both.report.layers if r.method != "dense"]
+    assert rows and all(r.method != "lrs" and r.macs_after <= r.macs_before for r in rows)
+    assert both.report.macs_ratio > 1
+    from ddtd.pipeline import plan
+
+    moments = calibrate(net, x, show_progress=False).moments
+    for budget, with_lrs in (("both", False), ("params", True), ("flops", False)):
+        plans, _, _ = plan(net, moments, input_shape=(3, 8, 8), ratio=2.5, budget=budget)
+        cands = [p.candidates for p in plans if p.method is not None]
+        assert cands and all(("lrs" in c) == with_lrs for c in cands), (budget, cands)
