@@ -97,6 +97,10 @@ def render(path: Path) -> str:
              "latency ms (dense) | compress s (calib / sens. / search / solve) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if r.get("error"):
+            lines.append(f"| {r['model']} | {r['method']} | {r['norm']} | {r.get('allocation', '-')} | "
+                         f"agree >= {r.get('min_agreement')} | refused: {r['error']} |||||")
+            continue
         asked = f"{r['ratio']}x" if r.get("ratio") else f"agree >= {r.get('min_agreement')}"
         s = r["stages_s"]
         lat = (f"{r['latency_ms']:.1f} ({r['dense_latency_ms']:.1f})" if r.get("latency_ms") else "-")
@@ -145,7 +149,10 @@ def main() -> None:
                     cfg = {"method": method, "norm": norm, "allocation": alloc, "budget": args.budget, **size}
                     if args.no_sequential:
                         cfg["sequential"] = False
-                    row = run(args, ref, eval_batches, calib_dir, cfg)
+                    try:
+                        row = run(args, ref, eval_batches, calib_dir, cfg)
+                    except ddtd.DdtdError as exc:  # e.g. no ratio meets a fidelity target
+                        row = {"model": args.model, **cfg, "images": args.images, "error": exc.message}
                     print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
                     if args.out:
                         with open(args.out, "a") as f:
