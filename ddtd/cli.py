@@ -273,7 +273,9 @@ def _print_fidelity(fid: dict) -> None:
     h = fid.get("heldout")
     if h:
         agree = "-" if h.get("agreement") is None else f"{100 * h['agreement']:.2f}%"
-        print(f"held-out fidelity ({h['images']} calibration inputs not used to fit): top-1 agreement {agree}, "
+        where = ("of --images held out (they may be in the --calib store too: give it other images for "
+                 "an independent check)" if fid.get("from_store") else "calibration inputs not used to fit")
+        print(f"held-out fidelity ({h['images']} {where}): top-1 agreement {agree}, "
               f"relative output error {h['relative_error']:.4f}")
     if fid.get("safe_ratio_estimate"):
         print(f"POOR FIDELITY: a ratio of about {fid['safe_ratio_estimate']:.2f}x keeps 99% agreement "

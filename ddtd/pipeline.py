@@ -903,7 +903,8 @@ def compress(
 
         return search_ratio(fidelity_at, min_agreement=min_agree, max_error=max_err)
 
-    fidelity: dict = {"holdout_images": held.images if held else 0}
+    # with a store, the held-out inputs are out of the sequential / lrs fits but may be in the store
+    fidelity: dict = {"holdout_images": held.images if held else 0, "from_store": store is not None}
     chosen = ratio
     if target:
         if held is None:
