@@ -23,12 +23,13 @@ import torch.nn.functional as Fn
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))  # the synthetic layers of the tests
 
 from ddtd.layers.sparse import LowRankSparse  # noqa: E402
 from ddtd.solvers.lrs import (INDEX_UNITS, lowrank_sparse, magnitude_prune, sigma_prune,  # noqa: E402
                               split_budget)
 from ddtd.solvers.svd import sigma_svd  # noqa: E402
-from ddtd.solvers.synthetic import activation_images, activation_sigma, structured_kernel  # noqa: E402
+from synthetic import activation_images, activation_sigma, structured_kernel  # noqa: E402
 
 F64 = torch.float64
 

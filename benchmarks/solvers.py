@@ -46,12 +46,13 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # the synthetic layers of the tests
 
 import ddtd.solvers._common as common  # noqa: E402
 import ddtd.solvers.cp as cpmod  # noqa: E402
 tkmod = sys.modules["ddtd.solvers.tucker2"]
 from ddtd.solvers import cp_als, lowrank_sparse, sigma_svd, stable_cp, tucker2  # noqa: E402
-from ddtd.solvers.synthetic import activation_images, activation_sigma, structured_kernel  # noqa: E402
+from synthetic import activation_images, activation_sigma, structured_kernel  # noqa: E402
 
 OUT = io.StringIO()
 

@@ -41,10 +41,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # the synthetic layers of the tests
 
 from ddtd.solvers import cp_als  # noqa: E402
 from ddtd.solvers.stable_cp import balance, sensitivity, stable_cp  # noqa: E402
-from ddtd.solvers.synthetic import activation_sigma, structured_kernel  # noqa: E402
+from synthetic import activation_sigma, structured_kernel  # noqa: E402
 
 F64 = torch.float64
 OUT = io.StringIO()

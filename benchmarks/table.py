@@ -67,25 +67,24 @@ def _seq_label(value, norm: str = "sigma") -> str:
     return str(value)
 
 
-def method_config(method: str, norm: str, max_iter: int):
-    """``(registered method, MethodConfig)`` for a table method name (see the module docstring)."""
-    from ddtd.methods import MethodConfig
+def method_config(method: str, max_iter: int):
+    """The method config of a table method name (see the module docstring)."""
+    from dataclasses import replace
 
-    opts, base, damping = {}, method, None
+    from ddtd.methods import LRSConfig, default_config, with_settings
+
     if method.endswith("-refit"):  # stable CP with the least-squares output factor: cp3-stable-refit
-        base = method[: -len("-refit")]
-        opts = {base: {"finish": "refit"}}
-    elif method.endswith("-d0"):  # undamped Sigma (the seed's CP-ALS): e.g. cp3-d0, cp3-stable-d0
-        base, damping = method[:-3], 0.0
-    elif method.startswith("lrs-"):
-        base, variant = "lrs", method[4:]
+        return replace(with_settings(default_config(method[: -len("-refit")]), max_iter=max_iter), finish="refit")
+    if method.endswith("-d0"):  # undamped Sigma (the seed's CP-ALS): e.g. cp3-d0, cp3-stable-d0
+        return with_settings(default_config(method[:-3]), max_iter=max_iter, damping=0.0)
+    if method.startswith("lrs-"):
+        variant = method[4:]
         if variant in ("residual", "masked"):
-            opts = {"lrs": {"init": variant, "iters": 0, "sparsity": 0.5}}
-        elif variant.startswith("s") and variant[1:].isdigit():
-            opts = {"lrs": {"sparsity": int(variant[1:]) / 100}}
-        else:
-            raise SystemExit(f"unknown lrs variant {method!r}")
-    return base, MethodConfig(norm=norm, max_iter=max_iter, options=opts, damping=damping)
+            return LRSConfig(init=variant, iters=0, sparsity=0.5)
+        if variant.startswith("s") and variant[1:].isdigit():
+            return LRSConfig(sparsity=int(variant[1:]) / 100)
+        raise SystemExit(f"unknown lrs variant {method!r}")
+    return with_settings(default_config(method), max_iter=max_iter)
 
 
 def _replaced_weights(model, report):
@@ -152,9 +151,9 @@ def sensitivity_totals(report) -> dict | None:
 
 
 def run(args) -> None:
-    from ddtd.pipeline import compress, prepare
+    from ddtd.config import CalibrationConfig, CompressConfig, Size
     from ddtd.evaluate import paired_latency
-    from ddtd.methods import MethodConfig
+    from ddtd.pipeline import compress, prepare
     from ddtd.model_io import load_model
     from train_reference import TRANSFORM, ensure
 
@@ -179,13 +178,13 @@ def run(args) -> None:
                         key = (name, method, norm, ratio, _seq_label(seq, norm), args.strategy)
                         if key in done and not args.redo:
                             continue
-                        base_method, cfg = method_config(method, norm, args.max_iter)
+                        config = CompressConfig(
+                            method=method_config(method, args.max_iter), norm=norm, sequential=seq,
+                            size=Size(ratio=ratio, strategy=args.strategy),
+                            calibration=CalibrationConfig(transform=TRANSFORM, batch_size=128, show_progress=False))
                         t = time.time()
                         try:
-                            res = compress(model, str(calib), ratio=ratio, method=base_method, norm=norm,
-                                           strategy=args.strategy,
-                                           config=cfg, transform=TRANSFORM, sequential=seq, batch_size=128,
-                                           show_progress=False)
+                            res = compress(model, str(calib), config)
                         except Exception as exc:  # record failures instead of losing the run
                             row = {"model": name, "method": method, "norm": norm, "ratio_target": ratio,
                                    "sequential": seq, "error": f"{type(exc).__name__}: {exc}"}

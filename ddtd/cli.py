@@ -58,8 +58,23 @@ _error_budget = _bounded_float(lambda v: 0 < v < 1, "a number in (0, 1) (a relat
 _fraction = _bounded_float(lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
+def _joined(parts) -> tuple[float, ...]:
+    """``--mean 0.5 0.5 0.5`` and ``--mean 0.5,0.5,0.5`` alike: the parsed pieces joined."""
+    return tuple(v for part in parts for v in part)
+
+
 def _rank(text: str):
-    """An int rank >= 1, or a float > 1 (a per-layer compression ratio)."""
+    """An int rank >= 1, ``R1,R2`` (tucker2's two ranks), or a float > 1 (a per-layer ratio);
+    checked by :func:`ddtd.ranks.check_rank_request`."""
+    from .errors import InputError
+    from .ranks import check_rank_request
+
+    if "," in text:
+        try:
+            pair = tuple(int(v) for v in text.split(","))
+            return check_rank_request(pair)
+        except (ValueError, InputError) as exc:
+            raise argparse.ArgumentTypeError(f"expected two ranks R1,R2 >= 1 (e.g. 16,8), got {text!r}") from exc
     try:
         value = float(text)
     except ValueError:
@@ -93,11 +108,14 @@ def _add_image_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("images")
     g.add_argument("--images", required=True, type=Path, help="folder of images (class sub-folders allowed)")
     g.add_argument("--num-images", type=_positive_int, default=None, help="use this many images (default: all)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the reproducible image sample")
+    g.add_argument("--seed", type=int, default=0, help="seed of the reproducible image sample (and of the "
+                                                       "held-out split)")
     g.add_argument("--size", type=_positive_int, default=224, help="input side after the centre crop (default 224)")
     g.add_argument("--resize", type=_positive_int, default=None, help="shorter side before cropping (default: --size)")
-    g.add_argument("--mean", type=_floats, default=IMAGENET_MEAN, help="per-channel mean (default ImageNet)")
-    g.add_argument("--std", type=_floats, default=IMAGENET_STD, help="per-channel std (default ImageNet)")
+    g.add_argument("--mean", type=_floats, nargs="+", default=[IMAGENET_MEAN], metavar="M",
+                   help="per-channel mean, space- or comma-separated (default ImageNet: 0.485 0.456 0.406)")
+    g.add_argument("--std", type=_floats, nargs="+", default=[IMAGENET_STD], metavar="S",
+                   help="per-channel std, space- or comma-separated (default ImageNet: 0.229 0.224 0.225)")
     g.add_argument("--channels", type=_positive_int, default=None, help="input channels (default: the first conv's)")
     g.add_argument("--batch-size", type=_positive_int, default=None,
                    help="images per forward pass (default: 32 at 224 px, more for smaller images, up to 512)")
@@ -120,6 +138,7 @@ def _model_inputs(args) -> dict:
 
 def cmd_calibrate(args) -> int:
     from .calibration import calibrate, save_calibration
+    from .config import CalibrationConfig
     from .calibration.run import first_layer_channels
     from .checks import check_outputs, resolve_device
     from .data import ImageTransform
@@ -132,13 +151,12 @@ def cmd_calibrate(args) -> int:
     check_outputs({"-o": out}, _model_inputs(args))
     model = _load(args)
     transform = ImageTransform(
-        size=args.size, resize=args.resize, mean=args.mean, std=args.std,
+        size=args.size, resize=args.resize, mean=_joined(args.mean), std=_joined(args.std),
         channels=args.channels or first_layer_channels(model),
     )
-    result = calibrate(
-        model, args.images, layers=args.layers, transform=transform, num_images=args.num_images,
-        seed=args.seed, batch_size=args.batch_size, max_dim=args.max_dim, device=args.device,
-    )
+    config = CalibrationConfig(transform=transform, num_images=args.num_images, seed=args.seed,
+                               batch_size=args.batch_size)
+    result = calibrate(model, args.images, config, layers=args.layers, max_dim=args.max_dim, device=args.device)
     t_write = time.time()
     save_calibration(result, out, append=args.append)
     size = out.stat().st_size
@@ -187,7 +205,7 @@ def _transform_from(args, model):
     from .calibration.run import first_layer_channels
     from .data import ImageTransform
 
-    return ImageTransform(size=args.size, resize=args.resize, mean=args.mean, std=args.std,
+    return ImageTransform(size=args.size, resize=args.resize, mean=_joined(args.mean), std=_joined(args.std),
                           channels=args.channels or first_layer_channels(model))
 
 
@@ -196,8 +214,8 @@ def cmd_compress(args) -> int:
 
     from .checks import check_outputs, resolve_device
     from .pipeline import compress
-    from .methods import MethodConfig
     from .model_io import save_model
+    from .selection import layer_filter
     from .report import format_report, write_json
 
     out = Path(args.output)
@@ -206,7 +224,7 @@ def cmd_compress(args) -> int:
         raise DdtdError("nothing to fit against", hint="pass --calib STORE.h5 (from ddtd calibrate) or --images DIR")
     if args.min_agreement is not None and args.max_drop is not None:
         raise DdtdError("give --min-agreement or --max-drop, not both", hint="--max-drop D is --min-agreement 1-D")
-    min_agreement = args.min_agreement if args.max_drop is None else 1 - args.max_drop
+    min_agreement = _min_agreement(args)
     if (min_agreement is not None or args.max_output_error is not None) and args.images is None:
         raise DdtdError("a fidelity target is measured on held-out images", hint="pass --images DIR")
     if all(x is None for x in (args.ratio, args.rank, args.ranks, args.error, min_agreement, args.max_output_error)) \
@@ -228,27 +246,9 @@ def cmd_compress(args) -> int:
         except (OSError, ValueError) as exc:
             raise DdtdError(f"cannot read --ranks file '{args.ranks}' ({exc})",
                             hint='give a JSON object {"layer.name": rank, ...}') from exc
-    options: dict = {}
-    if args.sparsity is not None:
-        options["lrs"] = {"sparsity": args.sparsity}
-    if args.lrs_init is not None:
-        options.setdefault("lrs", {})["init"] = args.lrs_init
-    if args.no_stabilize:
-        options["auto"] = {"stabilize": False}
-    if args.stable_finish is not None:
-        for m in ("cp3-stable", "cp4-stable"):
-            options[m] = {"finish": args.stable_finish}
-    cfg = MethodConfig(norm=args.norm, max_iter=args.max_iter, tol=args.tol, seed=args.seed, options=options)
-    result = compress(
-        model, args.images, store=args.calib, ratio=args.ratio, budget=args.budget, rank=args.rank,
-        ranks=ranks, error=args.error, method=args.method, norm=args.norm, strategy=args.strategy,
-        layers=args.layers, include_first=args.include_first, include_last=args.include_last,
-        sequential=args.sequential, config=cfg, num_images=args.num_images, batch_size=args.batch_size,
-        transform=transform, seed=args.seed, device=args.device,
-        input_shape=(transform.channels, transform.size, transform.size),
-        min_agreement=min_agreement, max_output_error=args.max_output_error, allocation=args.allocation,
-        holdout=args.holdout,
-    )
+    result = compress(model, args.images, _compress_config(args, transform, ranks), store=args.calib,
+                      filter_fn=layer_filter(model, args.layers, include_first=args.include_first,
+                                             include_last=args.include_last))
     save_model(result.model, out, spec=model.ddtd_spec, replacements=result.records,
                report=result.report.to_dict(), transform=transform.to_dict())
     print(format_report(result.report))
@@ -259,6 +259,26 @@ def cmd_compress(args) -> int:
     if args.export:
         _export(result.model, out, args.export, (1, transform.channels, transform.size, transform.size))
     return 0
+
+
+def _min_agreement(args):
+    return args.min_agreement if args.max_drop is None else 1 - args.max_drop
+
+
+def _compress_config(args, transform, ranks):
+    """The :class:`ddtd.config.CompressConfig` of ``ddtd compress``'s options (the one place the
+    CLI builds it)."""
+    from .config import config_from_options
+
+    sequential = None if args.sequential is None else ("on" if args.sequential else "off")
+    return config_from_options(
+        method=args.method, norm=args.norm, ratio=args.ratio, rank=args.rank, ranks=ranks, error=args.error,
+        min_agreement=_min_agreement(args), max_output_error=args.max_output_error, budget=args.budget,
+        strategy=args.strategy, allocation=args.allocation, sequential=sequential, device=args.device,
+        transform=transform, num_images=args.num_images, seed=args.seed, batch_size=args.batch_size,
+        holdout=args.holdout, input_shape=(transform.channels, transform.size, transform.size),
+        max_iter=args.max_iter, tol=args.tol, solver_seed=args.solver_seed, sparsity=args.sparsity,
+        lrs_init=args.lrs_init, stabilize=False if args.no_stabilize else None, stable_finish=args.stable_finish)
 
 
 def _print_fidelity(fid: dict) -> None:
@@ -308,6 +328,7 @@ def _export(model, out: Path, kind: str, shape) -> None:
 
 def cmd_eval(args) -> int:
     from .checks import check_outputs, resolve_device
+    from .config import CalibrationConfig
     from .evaluate import evaluate, paired_latency
     from .report import write_json
 
@@ -324,9 +345,9 @@ def cmd_eval(args) -> int:
     if args.no_labels and ref is None:
         raise DdtdError("--no-labels measures only the agreement with --reference, and none was given",
                         hint="pass --reference MODEL")
-    res = evaluate(model, args.images, transform, reference=ref, num_images=args.num_images,
-                   batch_size=args.batch_size or 128, seed=args.seed, device=args.device,
-                   labels=not args.no_labels)
+    config = CalibrationConfig(transform=transform, num_images=args.num_images, seed=args.seed,
+                               batch_size=args.batch_size)
+    res = evaluate(model, args.images, config, reference=ref, device=args.device, labels=not args.no_labels)
     shape = (transform.channels, transform.size, transform.size)
     if not args.no_latency:
         models = {"model": model} if ref is None else {"model": model, "reference": ref}
@@ -364,7 +385,7 @@ def cmd_eval(args) -> int:
 def cmd_report(args) -> int:
     import json as _json
 
-    from .pipeline import Report
+    from .report import Report
     from .model_io import read_model_file_meta
     from .report import format_report, plot_accuracy, write_json
 
@@ -405,12 +426,17 @@ def cmd_report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .calibration import DEFAULT_MAX_DIM
-
     ap = argparse.ArgumentParser(prog="ddtd", description="Data-driven tensor decompositions for PyTorch models.")
     ap.add_argument("--version", action="version", version=f"ddtd {__version__}")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = ap.add_subparsers(dest="command", required=True)
+    for add in (_add_calibrate, _add_merge, _add_compress, _add_eval, _add_report, _add_info):
+        add(sub)
+    return ap
+
+
+def _add_calibrate(sub) -> None:
+    from .calibration import DEFAULT_MAX_DIM
 
     p = sub.add_parser("calibrate", help="store each layer's input covariance (HDF5)")
     _add_model_args(p)
@@ -423,11 +449,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output .h5 store")
     p.set_defaults(func=cmd_calibrate)
 
+
+def _add_merge(sub) -> None:
     p = sub.add_parser("merge", help="add up stores of the same model")
     p.add_argument("stores", nargs="+", type=Path)
     p.add_argument("-o", "--output", required=True, type=Path)
     p.set_defaults(func=cmd_merge)
 
+
+def _add_compress(sub) -> None:
     p = sub.add_parser("compress", help="compress a model (no fine-tuning) and write a .ddtd file")
     _add_model_args(p)
     _add_image_args(p)
@@ -447,17 +477,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lrs: fraction of each layer's bytes given to the sparse part (default: the split "
                         "with the lowest Sigma error)")
     p.add_argument("--lrs-init", choices=["data", "residual", "masked", "auto"], default=None,
-                   help="lrs: initialisation (residual / masked: the seed's, eq. 12 / 13-14)")
+                   help="lrs: initialisation (residual / masked: Hawkins et al. 2021, eq. 12 / 13-14)")
     p.add_argument("--no-stabilize", action="store_true",
                    help="auto: keep plain CP-ALS factors instead of the minimal-sensitivity ones")
     p.add_argument("--stable-finish", choices=["channel", "refit", "none"], default=None,
                    help="stable CP's last step: channel = least-squares scale per output channel "
                         "(default), refit = least-squares output factor (lower layer error, a few per "
-                        "cent more sensitive, not more accurate in the README's runs), none = the "
-                        "minimal-sensitivity point itself")
+                        "cent more sensitive), none = the minimal-sensitivity point itself")
+    _add_size_args(p)
+    p.add_argument("--budget", choices=["both", "params", "flops"], default="both",
+                   help="what --ratio counts: both (default) = parameters, and no layer may get more "
+                        "multiply-adds than its dense original; params = bytes only (low rank + sparse, "
+                        "which runs dense, may be chosen); flops = multiply-adds")
+    p.add_argument("--strategy", choices=["global", "uniform", "vbmf"], default="global")
+    p.add_argument("--layers", help="globs of layers to compress (default: all but the first conv and the classifier)")
+    p.add_argument("--include-first", action="store_true", help="also compress the input layer")
+    p.add_argument("--include-last", action="store_true", help="also compress the final classifier")
+    seq = p.add_mutually_exclusive_group()
+    seq.add_argument("--sequential", dest="sequential", action="store_true", default=None,
+                     help="fit each layer on the outputs of the already-compressed layers (default with "
+                          "--images and the Sigma norm: per layer, sequential when it lowers the output error "
+                          "on a held-out quarter of the images by more than 3 standard errors)")
+    seq.add_argument("--no-sequential", dest="sequential", action="store_false")
+    p.add_argument("--max-iter", type=_positive_int, default=50, help="ALS iterations (tucker2, cp)")
+    p.add_argument("--tol", type=_bounded_float(lambda v: v >= 0, "a number >= 0"), default=1e-5,
+                   help="ALS relative improvement below which the iterations stop")
+    p.add_argument("--solver-seed", type=int, default=0, help="seed of the ALS initialisations (tucker2, cp)")
+    p.add_argument("--export", choices=["torchscript", "onnx"])
+    p.add_argument("--report-json", type=Path)
+    p.add_argument("-o", "--output", required=True, type=Path, help="compressed model file (.ddtd)")
+    p.set_defaults(func=cmd_compress)
+
+
+def _add_size_args(p) -> None:
     size = p.add_argument_group("size (one of)")
     size.add_argument("--ratio", type=_ratio, help="whole-model compression ratio, e.g. 4")
-    size.add_argument("--rank", type=_rank, help="every layer: an int rank, or a float > 1 = per-layer ratio")
+    size.add_argument("--rank", type=_rank, help="every layer: an int rank (tucker2: R means R,R), R1,R2 for "
+                                                  "tucker2, or a float > 1 = per-layer ratio")
     size.add_argument("--ranks", help='JSON file {"layer": rank or [R1, R2]}')
     size.add_argument("--error", type=_error_budget, help="per-layer relative Sigma error budget, e.g. 0.05")
     size.add_argument("--min-agreement", type=_bounded_float(lambda v: 0 < v <= 1, "a number in (0, 1]"),
@@ -474,27 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(sensitivity, default; needs --images) or relative to its own output energy")
     p.add_argument("--holdout", type=_bounded_float(lambda v: 0 <= v < 1, "a number in [0, 1)"), default=0.125,
                    help="share of the --images held out of the fit to measure fidelity (default 0.125; 0: none)")
-    p.add_argument("--budget", choices=["both", "params", "flops"], default="both",
-                   help="what --ratio counts: both (default) = parameters, and no layer may get more "
-                        "multiply-adds than its dense original; params = bytes only (low rank + sparse, "
-                        "which runs dense, may be chosen); flops = multiply-adds")
-    p.add_argument("--strategy", choices=["global", "uniform", "vbmf"], default="global")
-    p.add_argument("--layers", help="globs of layers to compress (default: all but the first conv and the classifier)")
-    p.add_argument("--include-first", action="store_true", help="also compress the input layer")
-    p.add_argument("--include-last", action="store_true", help="also compress the final classifier")
-    seq = p.add_mutually_exclusive_group()
-    seq.add_argument("--sequential", dest="sequential", action="store_true", default=None,
-                     help="fit each layer on the outputs of the already-compressed layers (default with "
-                          "--images and the Sigma norm: per layer, sequential when it lowers the output error "
-                          "on a held-out quarter of the images by more than 3 standard errors)")
-    seq.add_argument("--no-sequential", dest="sequential", action="store_false")
-    p.add_argument("--max-iter", type=_positive_int, default=50, help="ALS iterations (tucker2, cp)")
-    p.add_argument("--tol", type=float, default=1e-5)
-    p.add_argument("--export", choices=["torchscript", "onnx"])
-    p.add_argument("--report-json", type=Path)
-    p.add_argument("-o", "--output", required=True, type=Path, help="compressed model file (.ddtd)")
-    p.set_defaults(func=cmd_compress)
 
+
+def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="accuracy, agreement with the original, latency")
     _add_model_args(p)
     _add_image_args(p)
@@ -508,16 +546,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, help="write the results as JSON (input of `ddtd report --plot`)")
     p.set_defaults(func=cmd_eval)
 
+
+def _add_report(sub) -> None:
     p = sub.add_parser("report", help="per-layer table of compressed files; plot of eval results")
     p.add_argument("files", nargs="+", type=Path, help=".ddtd files (tables) and/or eval .json files (plot)")
     p.add_argument("--json", type=Path, help="write the report as JSON")
     p.add_argument("--plot", type=Path, help="PNG of accuracy against ratio from eval .json files")
     p.set_defaults(func=cmd_report)
 
+
+def _add_info(sub) -> None:
     p = sub.add_parser("info", help="describe a covariance store")
     p.add_argument("store", type=Path)
     p.set_defaults(func=cmd_info)
-    return ap
+
 
 
 def main(argv: list[str] | None = None) -> int:

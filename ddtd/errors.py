@@ -25,3 +25,8 @@ class StoreMismatchError(DdtdError):
 
 class NumericalError(DdtdError):
     """NaN / Inf in activations, or a solver that diverged; names the layer."""
+
+
+def layer_label(name: str | None) -> str:
+    """How messages name a layer: ``layer 'features.3.conv'`` (``layer <unnamed>`` without a name)."""
+    return f"layer '{name}'" if name else "layer <unnamed>"

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .config import CalibrationConfig
 from .data import ImageFolder, ImageTransform
 from .errors import InputError
 
@@ -31,17 +32,16 @@ class EvalResult:
 def evaluate(
     model: nn.Module,
     images,
-    transform: ImageTransform,
+    config: CalibrationConfig,
     *,
     reference: nn.Module | None = None,
-    num_images: int | None = None,
-    batch_size: int = 128,
-    seed: int = 0,
     device: str | torch.device = "cpu",
     labels: bool = True,
 ) -> EvalResult:
     """Accuracy on a labelled image folder (class sub-folders); with ``reference``, top-1
-    agreement and relative output error against it (any folder).
+    agreement and relative output error against it (any folder). ``config`` says how the images
+    are read: ``transform`` (required), ``num_images`` and ``seed`` (a reproducible sample),
+    ``batch_size`` (default 128).
 
     Labels: the first-level sub-folders, sorted by name, are the class indices ``0 .. K-1``
     (torchvision's ``ImageFolder`` convention). A folder whose ``K`` differs from the model's
@@ -49,6 +49,7 @@ def evaluate(
     model's classes); ``labels=False`` ignores the folders and measures only the agreement with
     ``reference``.
     """
+    transform, num_images, seed, batch_size = config.transform, config.num_images, config.seed, config.batch_size or 128
     folder = ImageFolder.scan(images)
     if not labels:
         folder.classes = []

@@ -155,14 +155,19 @@ class SvdProbe:
         return m
 
 
+#: The ratio search: first probe, largest ratio probed, relative width at which bisection stops.
+SEARCH_START, SEARCH_MAX_RATIO, SEARCH_REL_TOL = 2.0, 64.0, 0.02
+
+
 def search_ratio(fidelity_at: Callable[[float], Fidelity | None], *, min_agreement: float | None = None,
-                 max_error: float | None = None, start: float = 2.0, max_ratio: float = 64.0,
-                 probes: int = 9, rel_tol: float = 0.02) -> tuple[float | None, list[dict]]:
+                 max_error: float | None = None, probes: int = 9,
+                 rel_tol: float = SEARCH_REL_TOL) -> tuple[float | None, list[dict]]:
     """Largest ratio whose probe fidelity meets the target.
 
     ``fidelity_at(ratio)`` returns the probe's :class:`Fidelity`, or ``None`` when the ratio
     is out of reach. Fidelity falls with the ratio (not strictly: the search brackets the first
-    failure by doubling from ``start``, then bisects the bracket in log scale), using at most
+    failure by doubling from :data:`SEARCH_START` up to :data:`SEARCH_MAX_RATIO`, then bisects
+    the bracket in log scale), using at most
     ``probes`` probes and stopping when the bracket is within ``rel_tol``.
 
     Returns:
@@ -182,7 +187,7 @@ def search_ratio(fidelity_at: Callable[[float], Fidelity | None], *, min_agreeme
         return ok
 
     lo, hi = 1.0, None  # lo passes (ratio 1 is the model itself), hi fails
-    r = start
+    r, max_ratio = SEARCH_START, SEARCH_MAX_RATIO
     while len(curve) < probes:
         ok = probe(r)
         if ok:

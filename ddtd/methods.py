@@ -1,75 +1,242 @@
 """Compression methods: one validated config per method, and a registry name -> solver + builder.
 
 A *method* turns one layer's weight and input covariance into factors (a pure solver from
-:mod:`ddtd.solvers`) and factors into modules (a builder from :mod:`ddtd.layers`). Every method
-takes ``norm="sigma"`` (fit the output error on the calibration data) or ``norm="frobenius"``
-(fit the weights, the baseline).
+:mod:`ddtd.solvers`) and factors into modules (a builder from :mod:`ddtd.layers`). Each method
+has one validated config dataclass (``SvdConfig``, ``Tucker2Config``, ``CPConfig``,
+``StableCPConfig``, ``LRSConfig``, ``SparseConfig``; ``AutoConfig`` compares several), registered
+in :data:`METHODS` with its solver and the layer format it builds. Every solver is given the
+covariance (the Sigma norm) or ``None`` (the Frobenius norm, the baseline).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
-from typing import Callable
+from dataclasses import dataclass, field, fields, replace
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
 
 from .errors import InputError
-from .solvers import cp_als, default_damping, sigma_svd, tucker2
-from .solvers.formats import param_count
+from .layers import format_applies, layer_dims
+from .solvers import cp_als, damp, default_damping, sigma_svd, tucker2
 
-__all__ = ["MethodConfig", "Method", "Fit", "METHODS", "get_method", "layer_dims", "applicable",
-           "AUTO_METHODS", "relative_sigma_error"]
+__all__ = ["MethodConfig", "SvdConfig", "Tucker2Config", "CPConfig", "StableCPConfig", "LRSConfig", "SparseConfig",
+           "AutoConfig", "Method", "Fit", "METHODS", "get_method", "applicable", "relative_sigma_error",
+           "with_settings", "method_configs", "default_config", "stable_version"]
 
-NORMS = ("sigma", "frobenius")
+
+@dataclass(frozen=True, kw_only=True)
+class MethodConfig:
+    """Settings every method shares; each method has its own subclass (one registered config per
+    method). ``name`` is the registered method's name.
+
+    Attributes:
+        damping: ``Sigma`` is damped by ``damping * mean(diag(Sigma)) * I`` before fitting;
+            ``None``: :func:`ddtd.solvers.default_damping` (0 for svd, 1e-3 for the others:
+            ALS / sparse normal equations leave the directions the data never excites free,
+            where the factors can grow and amplify inputs unlike the calibration set;
+            benchmarks/results/solvers.txt has the measurements).
+        bias_correction: move the bias to ``b + (W - W~) mu`` (exact mean output); ``None``: on
+            for the Sigma norm, off for the Frobenius baseline (which uses no data).
+    """
+
+    damping: float | None = None
+    bias_correction: bool | None = None
+
+    name: ClassVar[str] = ""
+
+    def __post_init__(self):
+        if self.damping is not None and not 0 <= self.damping < 1:
+            raise InputError(f"damping must be in [0, 1), got {self.damping}", hint="e.g. 1e-3")
+        iters = getattr(self, "iters", None)
+        if iters is not None and (isinstance(iters, bool) or not isinstance(iters, int) or iters < 0):
+            raise InputError(f"{self.name}: iters must be an int >= 0, got {iters!r}")
+        for k in ("max_iter", "split_iter", "max_sweeps", "direct_max"):
+            v = getattr(self, k, None)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise InputError(f"{self.name}: {k} must be an int >= 1, got {v!r}")
+        for k in ("tol", "sweep_tol"):
+            v = getattr(self, k, None)
+            if v is not None and not v >= 0:
+                raise InputError(f"{self.name}: {k} must be >= 0, got {v!r}")
+
+    def damping_for(self) -> float:
+        """The damping this method's solver applies (see ``damping``)."""
+        return self.damping if self.damping is not None else default_damping(self.name)
 
 
 @dataclass(frozen=True)
-class MethodConfig:
-    """Options common to every method; solver-specific ones go in ``options``.
+class SvdConfig(MethodConfig):
+    """Sigma-SVD (closed form): ``W ~ A B``, a conv with the original kernel to ``r`` channels,
+    then a 1x1 conv (or two Linear layers)."""
 
-    ``max_iter`` / ``tol`` apply to the iterative solvers (tucker2, cp3, cp4).
-    ``options`` maps a method name to extra keywords, e.g. ``{"tucker2": {"init": "hosvd"},
-    "lrs": {"sparsity": 0.5}, "cp3-stable": {"max_sweeps": 50}, "auto": {"stabilize": False}}``.
-    """
+    name: ClassVar[str] = "svd"
 
-    norm: str = "sigma"
+
+@dataclass(frozen=True)
+class Tucker2Config(MethodConfig):
+    """Tucker2-ALS in the Sigma norm: 1x1 to ``R2``, ``k x k`` ``R2 -> R1``, 1x1 to ``T``.
+    ``init``: ``"whitened"`` (HOSVD of the Sigma-whitened kernel), ``"hosvd"`` or ``"random"``."""
+
     max_iter: int = 50
     tol: float = 1e-5
     seed: int = 0
-    damping: float | None = None  # None: the solvers' rule, 1e-3 except 0 for svd (damping_for)
-    bias_correction: bool | None = None  # b~ = b + (W - W~) mu; default: on for sigma only
-    options: dict = field(default_factory=dict)
+    init: str = "whitened"
+
+    name: ClassVar[str] = "tucker2"
+
+
+@dataclass(frozen=True)
+class CPConfig(MethodConfig):
+    """CP-ALS in the Sigma norm. ``layout``: ``"cp3"`` (1x1 to R, depthwise ``k x k``, 1x1 to
+    T) or ``"cp4"`` (1x1, depthwise ``k x 1``, depthwise ``1 x k``, 1x1)."""
+
+    layout: str = "cp3"
+    max_iter: int = 50
+    tol: float = 1e-5
+    seed: int = 0
+    init: str = "auto"
 
     def __post_init__(self):
-        if self.norm not in NORMS:
-            raise InputError(f"unknown norm {self.norm!r}", hint=f"use one of {NORMS}")
-        if self.max_iter < 1:
-            raise InputError(f"max_iter must be >= 1, got {self.max_iter}")
-        if not self.tol >= 0:
-            raise InputError(f"tol must be >= 0, got {self.tol}")
-        if self.damping is not None and not 0 <= self.damping < 1:
-            raise InputError(f"damping must be in [0, 1), got {self.damping}")
-        if not isinstance(self.options, dict) or any(
-                k not in METHODS and k != "auto" or not isinstance(v, dict) for k, v in self.options.items()):
-            raise InputError(f"options must map method names to dicts, got {self.options!r}",
-                             hint=f"keys from {sorted(METHODS)} or 'auto', e.g. {{'lrs': {{'sparsity': 0.5}}}}")
+        if self.layout not in ("cp3", "cp4"):
+            raise InputError(f"unknown CP layout {self.layout!r}", hint="use 'cp3' or 'cp4'")
+        super().__post_init__()
 
-    def damping_for(self, method: str) -> float:
-        """Sigma is damped by ``damping * mean(diag(Sigma)) * I`` before fitting: ``self.damping``
-        when set, else :func:`ddtd.solvers.default_damping` (``0`` for svd, ``1e-3`` for every
-        other method), the default of the solvers themselves.
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return self.layout
 
-        The Sigma metric leaves directions with (almost) no input energy unconstrained; the
-        closed-form SVD stays a projection of ``W`` there, but ALS factors of Tucker2 / CP can
-        grow large along them and then amplify inputs that differ slightly from the
-        calibration set. Measured on the reference ResNet-18 at 4x with cp3: 74.8% top-1
-        undamped, 92.4% with 1e-3 and 92.3% with 1e-2 (original 92.3% on the same 2000 images).
-        """
-        if self.damping is not None:
-            return self.damping
-        return default_damping(method)
+
+@dataclass(frozen=True)
+class StableCPConfig(CPConfig):
+    """CP-ALS, then the sensitivity-minimising CPD-EPC at the CP-ALS error (Phan et al., "Stable
+    low-rank tensor decomposition for compression of convolutional neural network", ECCV 2020).
+    ``finish``: ``"channel"`` (least-squares scale per output channel), ``"refit"``
+    (least-squares output factor) or ``"none"`` (the minimal-sensitivity point itself)."""
+
+    max_sweeps: int = 30
+    sweep_tol: float = 1e-3
+    direct_max: int = 1024
+    finish: str = "channel"
+
+    def __post_init__(self):
+        if self.finish not in ("channel", "refit", "none"):
+            raise InputError(f"unknown stable CP finish {self.finish!r}", hint="use 'channel', 'refit' or 'none'")
+        super().__post_init__()
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"{self.layout}-stable"
+
+
+@dataclass(frozen=True)
+class LRSConfig(MethodConfig):
+    """Low rank + sparse at a storage budget (values + int32 indices).
+
+    Attributes:
+        sparsity: fraction of each layer's bytes given to the sparse part; ``None``: the split
+            with the lowest Sigma error (on held-out inputs when the pipeline has them).
+        init: ``"data"``, ``"residual"``, ``"masked"`` or ``"auto"`` (``None``: the solver's).
+        lowrank: the low-rank part's format, ``"svd"`` or ``"tucker2"``.
+        iters: alternating rounds of the final fit; split_iter: rounds per candidate split.
+        fractions: the low-rank shares tried when choosing the split on held-out inputs.
+        mode / candidates / switch_tol: passed to :func:`ddtd.solvers.lrs.lowrank_sparse`.
+    """
+
+    sparsity: float | None = None
+    init: str | None = None
+    lowrank: str = "svd"
+    iters: int = 10
+    split_iter: int = 3
+    fractions: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
+    mode: str | None = None
+    candidates: tuple | None = None
+    switch_tol: float | None = None
+
+    name: ClassVar[str] = "lrs"
+
+    def __post_init__(self):
+        if self.sparsity is not None and not 0.0 <= float(self.sparsity) <= 1.0:
+            raise InputError(f"sparsity {self.sparsity} outside [0, 1]",
+                             hint="the fraction of each layer's bytes given to the sparse part, e.g. 0.5")
+        if self.init not in (None, "data", "residual", "masked", "auto"):
+            raise InputError(f"unknown lrs init {self.init!r}", hint="use data, residual, masked or auto")
+        if self.lowrank not in ("svd", "tucker2"):
+            raise InputError(f"unknown low-rank part {self.lowrank!r}", hint="use 'svd' or 'tucker2'")
+        super().__post_init__()
+
+    def solver_options(self) -> dict:
+        """The keywords of :func:`ddtd.solvers.lrs.lowrank_sparse` this config sets."""
+        return {k: getattr(self, k) for k in ("mode", "init", "candidates", "switch_tol") if getattr(self, k) is not None}
+
+
+@dataclass(frozen=True)
+class SparseConfig(MethodConfig):
+    """Pruning only, at a storage budget: magnitude pruning in the Frobenius norm; in the Sigma
+    norm the largest ``|W_ij| sqrt(Sigma_jj)`` kept and their values re-solved."""
+
+    name: ClassVar[str] = "sparse"
+
+
+@dataclass(frozen=True)
+class AutoConfig:
+    """Per layer, the candidate with the lowest (output-weighted) Sigma error at the allocated
+    size. ``stabilize``: a CP winner is refitted as stable CP (same error bound, lower
+    sensitivity). ``lrs`` joins the candidates when the budget counts bytes only
+    (``Size(budget="params")``): it saves bytes, not multiply-adds."""
+
+    candidates: tuple = field(default_factory=lambda: (SvdConfig(), Tucker2Config(), CPConfig("cp3"),
+                                                       CPConfig("cp4")))
+    stabilize: bool = True
+    lrs: LRSConfig = field(default_factory=LRSConfig)
+
+    name: ClassVar[str] = "auto"
+
+    def __post_init__(self):
+        object.__setattr__(self, "candidates", tuple(self.candidates))
+        bad = [c for c in self.candidates if not isinstance(c, MethodConfig) or get_method(c.name).sizing != "ranks"]
+        if not self.candidates or bad:
+            raise InputError(f"auto candidates must be rank-sized method configs, got {bad or 'none'}",
+                             hint="e.g. (SvdConfig(), Tucker2Config(), CPConfig('cp3'))")
+
+
+def with_settings(config, **settings):
+    """``config`` with the given fields set wherever it has them (an :class:`AutoConfig`'s
+    candidates and lrs config too); fields a config lacks are left alone. The CLI's
+    ``--max-iter`` / ``--tol`` / ``--solver-seed`` reach every iterative method this way."""
+    if isinstance(config, AutoConfig):
+        return replace(config, candidates=tuple(with_settings(c, **settings) for c in config.candidates),
+                       lrs=with_settings(config.lrs, **settings))
+    names = {f.name for f in fields(config)}
+    return replace(config, **{k: v for k, v in settings.items() if k in names})
+
+
+def stable_version(config: CPConfig) -> StableCPConfig:
+    """The stable CP config with the same CP-ALS settings as ``config``."""
+    return StableCPConfig(**{f.name: getattr(config, f.name) for f in fields(CPConfig)})
+
+
+def method_configs(config) -> dict[str, MethodConfig]:
+    """Configs by method name for what ``config`` may fit: the method itself, or for
+    :class:`AutoConfig` its candidates, their stable CP versions and lrs; svd always (the
+    conv-only formats leave Linear and 1x1 layers to it, with the same bias correction)."""
+    if not isinstance(config, AutoConfig):
+        return {config.name: config, "svd": SvdConfig(bias_correction=config.bias_correction)} \
+            if config.name != "svd" else {"svd": config}
+    out = {c.name: c for c in config.candidates}
+    for c in config.candidates:
+        if isinstance(c, CPConfig) and not isinstance(c, StableCPConfig):
+            out.setdefault(stable_version(c).name, stable_version(c))
+    out.setdefault("lrs", config.lrs)
+    return out
+
+
+def default_config(name: str):
+    """The default config of the registered method ``name`` (or ``"auto"``)."""
+    if name == "auto":
+        return AutoConfig()
+    return get_method(name).config()
 
 
 @dataclass(frozen=True)
@@ -93,56 +260,47 @@ class Fit:
 
 @dataclass(frozen=True)
 class Method:
-    """A registered method: how to solve, what it builds and how it is sized.
+    """A registered method: its config, how it solves, what it builds and how it is sized.
 
-    ``kind``: the layer format it builds (a builder of :mod:`ddtd.layers`: ``svd``,
-    ``tucker2``, ``cp3``, ``cp4``, or ``lrs`` for :class:`ddtd.layers.LowRankSparse`).
-    ``sizing``: ``"ranks"`` (the plan gives ranks of ``kind``) or ``"budget"`` (the plan gives a
-    storage budget in 4-byte units: the parameters an svd of the allocated rank would have).
+    ``config``: makes the method's default config. ``solve``: ``(weight, sigma | None, ranks,
+    config, *, name, groups, holdout) -> Fit`` (``holdout``: ``(Sigma_fit, Sigma_held)`` or
+    ``None``, used by methods that choose a split on held-out inputs). ``kind``: the layer format
+    it builds (a builder of :mod:`ddtd.layers`: ``svd``, ``tucker2``, ``cp3``, ``cp4``, or
+    ``lrs`` for :class:`ddtd.layers.LowRankSparse`). ``sizing``: ``"ranks"`` (the plan gives
+    ranks of ``kind``) or ``"budget"`` (a storage budget in 4-byte units: the parameters an svd
+    of the allocated rank would have). ``conv_only``: needs a ``k x k`` conv with several input
+    channels per group; ``grouped``: handles grouped / depthwise convs.
     """
 
     name: str
-    solve: Callable  # (weight, sigma | None, ranks, config, name) -> Fit
-    conv_only: bool  # needs a k x k conv with several input channels per group
+    config: Callable[[], MethodConfig]
+    solve: Callable
+    conv_only: bool
     description: str
     kind: str = ""
     sizing: str = "ranks"
-    grouped: bool = True  # handles grouped / depthwise convs
+    grouped: bool = True
 
     def __post_init__(self):
         if not self.kind:
             object.__setattr__(self, "kind", self.name)
 
 
-def layer_dims(layer: nn.Module) -> tuple[int, int, int, int, int]:
-    """``(T, S_per_group, kh, kw, groups)``; a Linear layer is ``(T, D, 1, 1, 1)``."""
-    if isinstance(layer, nn.Conv2d):
-        kh, kw = layer.kernel_size
-        return layer.out_channels, layer.in_channels // layer.groups, kh, kw, layer.groups
-    if isinstance(layer, nn.Linear):
-        return layer.out_features, layer.in_features, 1, 1, 1
-    raise InputError(f"unsupported layer type {type(layer).__name__}",
-                     hint="ddtd compresses nn.Conv2d and nn.Linear layers")
-
-
 def applicable(method: str, layer: nn.Module) -> tuple[bool, str]:
-    """Can ``method`` represent ``layer``? Returns (ok, reason if not)."""
+    """Can ``method`` represent ``layer``? Returns (ok, reason if not): its format must apply
+    (:func:`ddtd.layers.format_applies`), a conv-only format is not used on a 1x1 conv (where it
+    is an SVD with extra layers), and grouped convs need a method that handles groups."""
     T, S, kh, kw, g = layer_dims(layer)
     m = get_method(method)
-    if m.conv_only and not isinstance(layer, nn.Conv2d):
-        return False, f"{method} needs a Conv2d"
-    if m.conv_only and kh * kw == 1:
-        return False, f"{method} on a 1x1 conv is an SVD with extra layers; use svd"
-    if m.conv_only and S == 1:
-        return False, f"{method} needs several input channels per group (depthwise conv)"
+    if m.conv_only:
+        ok, why = format_applies(m.kind, layer)
+        if not ok:
+            return False, why
+        if kh * kw == 1:
+            return False, f"{method} on a 1x1 conv is an SVD with extra layers; use svd"
     if not m.grouped and g > 1:
         return False, f"{method} does not handle grouped convs"
     return True, ""
-
-
-def _options(cfg: MethodConfig, method: str) -> dict:
-    """The solver options of ``cfg.options`` meant for ``method``: ``options[method]``."""
-    return dict(cfg.options.get(method, {}))
 
 
 #: the keys of a solver result's ``info`` that every :class:`Fit` carries
@@ -154,15 +312,19 @@ def _diagnostics(res) -> dict:
     return {k: info[k] for k in DIAGNOSTICS if k in info}
 
 
-def _svd(weight, sigma, ranks, cfg: MethodConfig, name):
-    r = sigma_svd(weight, sigma, int(ranks), damping=cfg.damping_for("svd") if sigma is not None else 0.0, name=name)
+def _damping(cfg: MethodConfig, sigma) -> float:
+    return cfg.damping_for() if sigma is not None else 0.0
+
+
+def _svd(weight, sigma, ranks, cfg: SvdConfig, *, name=None, groups=None, holdout=None):
+    r = sigma_svd(weight, sigma, int(ranks), damping=_damping(cfg, sigma), name=name)
     return Fit([r.A, r.B], r.rel_error, [r.rel_error], _diagnostics(r))
 
 
-def _tucker2(weight, sigma, ranks, cfg: MethodConfig, name):
-    r = tucker2(weight, sigma, tuple(ranks), max_iter=cfg.max_iter, tol=cfg.tol, seed=cfg.seed,
-                damping=cfg.damping_for("tucker2") if sigma is not None else 0.0, name=name,
-                **_options(cfg, "tucker2"))
+def _tucker2(weight, sigma, ranks, cfg: Tucker2Config, *, name=None, groups=None, holdout=None):
+    ranks = (ranks, ranks) if isinstance(ranks, int) else tuple(ranks)
+    r = tucker2(weight, sigma, ranks, max_iter=cfg.max_iter, tol=cfg.tol, seed=cfg.seed, init=cfg.init,
+                damping=_damping(cfg, sigma), name=name)
     return Fit([r.U, r.core, r.V], r.rel_error, list(r.history), _diagnostics(r))
 
 
@@ -170,60 +332,42 @@ def _cp_factors(r, layout):
     return [r.A, r.B, r.C] if layout == "cp3" else [r.A, r.B, r.C, r.E]
 
 
-def _cp(layout):
-    def solve(weight, sigma, ranks, cfg: MethodConfig, name):
-        from .solvers.stable_cp import balance, sensitivity
-
-        r = cp_als(weight, sigma, int(ranks), layout=layout, max_iter=cfg.max_iter, tol=cfg.tol,
-                   seed=cfg.seed, damping=cfg.damping_for(layout) if sigma is not None else 0.0, name=name,
-                   **_options(cfg, layout))
-        factors = _cp_factors(r, layout)
-        ss = sensitivity(*balance(*factors))
-        return Fit(factors, r.rel_error, list(r.history),
-                   {"sensitivity_before": ss, "sensitivity_after": ss, **_diagnostics(r)})
-
-    return solve
+def _cp_als(weight, sigma, ranks, cfg: CPConfig, name):
+    return cp_als(weight, sigma, int(ranks), layout=cfg.layout, max_iter=cfg.max_iter, tol=cfg.tol,
+                  seed=cfg.seed, init=cfg.init, damping=_damping(cfg, sigma), name=name)
 
 
-def _stable_cp(layout):
-    """CP-ALS, then the sensitivity-minimising CPD-EPC at the CP-ALS error (seed 000)."""
+def _cp(weight, sigma, ranks, cfg: CPConfig, *, name=None, groups=None, holdout=None):
+    from .solvers.stable_cp import balance, sensitivity
 
-    def solve(weight, sigma, ranks, cfg: MethodConfig, name):
-        from .solvers.stable_cp import stable_cp
-
-        opts = _options(cfg, f"{layout}-stable")
-        damping = cfg.damping_for(layout) if sigma is not None else 0.0
-        init = cp_als(weight, sigma, int(ranks), layout=layout, max_iter=cfg.max_iter, tol=cfg.tol,
-                      seed=cfg.seed, damping=damping, name=name, **_options(cfg, layout))
-        r = stable_cp(weight, sigma, int(ranks), layout=layout, init=init, damping=damping,
-                      max_sweeps=opts.get("max_sweeps", 30), tol=opts.get("sweep_tol", 1e-3),
-                      direct_max=opts.get("direct_max", 1024), finish=opts.get("finish", "channel"),
-                      name=name)
-        return Fit(_cp_factors(r, layout), r.rel_error, list(r.history),
-                   {"sensitivity_before": float(r.sensitivity_before),
-                    "sensitivity_after": float(r.sensitivity_after),
-                    "cp_als_error": float(init.rel_error), **_diagnostics(r)})
-
-    return solve
+    r = _cp_als(weight, sigma, ranks, cfg, name)
+    factors = _cp_factors(r, cfg.layout)
+    ss = sensitivity(*balance(*factors))
+    return Fit(factors, r.rel_error, list(r.history),
+               {"sensitivity_before": ss, "sensitivity_after": ss, **_diagnostics(r)})
 
 
-def _groups_of(weight, sigma):
-    return sigma.shape[0] if sigma is not None and sigma.dim() == 3 else None
+def _stable_cp(weight, sigma, ranks, cfg: StableCPConfig, *, name=None, groups=None, holdout=None):
+    """CP-ALS, then the sensitivity-minimising CPD-EPC at the CP-ALS error."""
+    from .solvers.stable_cp import stable_cp
+
+    init = _cp_als(weight, sigma, ranks, cfg, name)
+    r = stable_cp(weight, sigma, int(ranks), layout=cfg.layout, init=init, damping=_damping(cfg, sigma),
+                  max_sweeps=cfg.max_sweeps, tol=cfg.sweep_tol, direct_max=cfg.direct_max, finish=cfg.finish,
+                  name=name)
+    return Fit(_cp_factors(r, cfg.layout), r.rel_error, list(r.history),
+               {"sensitivity_before": float(r.sensitivity_before),
+                "sensitivity_after": float(r.sensitivity_after),
+                "cp_als_error": float(init.rel_error), **_diagnostics(r)})
 
 
 def _lrs_sigma(sigma, damping: float = 0.0):
-    """Squeeze a single group's ``(1, D, D)`` covariance to ``(D, D)``, damped by
-    ``damping * mean(diag) * I`` per group (the metric of the held-out comparison of the
-    ``select`` option; the solvers damp their own Sigma with the same rule)."""
+    """A single group's ``(1, D, D)`` covariance squeezed to ``(D, D)``, damped by
+    ``damping * mean(diag) * I`` per group (:func:`ddtd.solvers.damp`)."""
     if sigma is None:
         return None
-    if damping > 0:
-        diag = torch.diagonal(sigma, dim1=-2, dim2=-1)
-        eye = torch.eye(sigma.shape[-1], dtype=sigma.dtype, device=sigma.device)
-        sigma = sigma + damping * diag.mean(-1)[..., None, None] * eye
-    if sigma.dim() == 3 and sigma.shape[0] == 1:
-        return sigma[0]
-    return sigma
+    sigma = damp(sigma, damping)
+    return sigma[0] if sigma.dim() == 3 and sigma.shape[0] == 1 else sigma
 
 
 def _lrs_info(res) -> dict:
@@ -243,129 +387,97 @@ def relative_sigma_error(weight, approx, sigma) -> float:
     return float(num / den) if den > 0 else 0.0
 
 
-def _lrs(weight, sigma, budget, cfg: MethodConfig, name):
-    """Low-rank + sparse at a storage budget (4-byte units): the split between rank and
-    nonzeros is ``options['sparsity']`` (the fraction of the budget spent on the sparse part's
-    values and indices) or, by default, the split with the lowest Sigma error
-    (:func:`ddtd.solvers.lrs.split_budget`), refitted with ``max_iter`` rounds."""
+def _lrs_heldout_split(weight, sigma, budget, cfg: LRSConfig, name, groups, holdout, kw):
+    """The (rank, nonzeros) split with the lowest Sigma error on held-out inputs: each of
+    ``cfg.fractions`` fitted briefly on ``holdout[0]`` and measured in ``holdout[1]`` (the
+    in-sample error of a sparse part solved exactly in Sigma is optimistic where samples are few
+    per input dimension)."""
     from .solvers import lrs as L
 
-    opts = _options(cfg, "lrs")
-    kw = {k: opts[k] for k in ("mode", "init", "lowrank", "candidates", "switch_tol") if k in opts}
-    iters = int(opts.get("iters", min(cfg.max_iter, 10)))
-    groups = opts.get("groups")
+    sig_fit = _lrs_sigma(holdout[0])  # the solver damps it (kw["damping"])
+    sig_held = _lrs_sigma(holdout[1], cfg.damping_for())
+    best = None
+    for f in cfg.fractions:
+        try:
+            rank, nnz, res, _ = L.split_budget(weight, sig_fit, budget, lowrank=cfg.lowrank, name=name,
+                                               fractions=(f,), max_iter=cfg.split_iter, groups=groups, **kw)
+        except InputError:
+            continue
+        e = relative_sigma_error(weight, res.kernel().reshape(weight.shape), sig_held)
+        if best is None or e < best[0]:
+            best = (e, rank, nnz)
+    return best[1], best[2]
+
+
+def _lrs(weight, sigma, budget, cfg: LRSConfig, *, name=None, groups=None, holdout=None):
+    """Low-rank + sparse at a storage budget (4-byte units): the split between rank and
+    nonzeros is ``cfg.sparsity`` (the fraction of the budget spent on the sparse part's values
+    and indices) or, by default, the split with the lowest Sigma error
+    (:func:`ddtd.solvers.lrs.split_budget`, on held-out inputs when given), refitted with
+    ``cfg.iters`` rounds."""
+    from .solvers import lrs as L
+
+    kw = {**cfg.solver_options(), "damping": _damping(cfg, sigma)}
     sig = _lrs_sigma(sigma)
-    extra = {"groups": groups} if groups else {}
-    kw["damping"] = cfg.damping_for("lrs") if sigma is not None else 0.0
-    lowrank = kw.pop("lowrank", "svd")
-    sparsity = opts.get("sparsity")
+    groups = groups if groups and groups > 1 else None
     budget = int(budget)
-    T = weight.shape[0]
-    D = int(math.prod(weight.shape[1:]))
-    if sparsity is None and opts.get("select") is not None:
-        # split chosen by the error on held-out images (the calibration error of a sparse part
-        # solved exactly in Sigma is optimistic where samples are few per input dimension)
-        sig_fit = _lrs_sigma(opts["select"][0])          # the solver damps it (kw["damping"])
-        sig_held = _lrs_sigma(opts["select"][1], cfg.damping_for("lrs"))
-        split_iter = int(opts.get("split_iter", 3))
-        best = None
-        for f in opts.get("fractions", (0.0, 0.25, 0.5, 0.75, 1.0)):
-            try:
-                rank, nnz, res, _ = L.split_budget(weight, sig_fit, budget, lowrank=lowrank, name=name,
-                                                   fractions=(f,), max_iter=split_iter, **extra, **kw)
-            except InputError:
-                continue
-            e = relative_sigma_error(weight, res.kernel().reshape(weight.shape), sig_held)
-            if best is None or e < best[0]:
-                best = (e, rank, nnz)
-        _, rank, nnz = best
-        res = L.lowrank_sparse(weight, sig, rank, nnz, lowrank=lowrank, max_iter=iters, name=name,
-                               **extra, **{"init": "data", **kw})
-    elif sparsity is None:
-        split_iter = int(opts.get("split_iter", 3))
-        rank, nnz, res, _ = L.split_budget(weight, sig, budget, lowrank=lowrank, name=name,
-                                           max_iter=split_iter, **extra, **kw)
-        if iters > split_iter:  # refit the chosen split longer (from the data start unless told)
-            refit = L.lowrank_sparse(weight, sig, rank, nnz, lowrank=lowrank, max_iter=iters, name=name,
-                                     **extra, **{"init": "data", **kw})
+    T, D = weight.shape[0], int(math.prod(weight.shape[1:]))
+    data_init = {**kw, "init": kw.get("init") or "data"}
+    if cfg.sparsity is None and holdout is not None:
+        rank, nnz = _lrs_heldout_split(weight, sigma, budget, cfg, name, groups, holdout, kw)
+        res = L.lowrank_sparse(weight, sig, rank, nnz, lowrank=cfg.lowrank, max_iter=cfg.iters, name=name,
+                               groups=groups, **data_init)
+    elif cfg.sparsity is None:
+        rank, nnz, res, _ = L.split_budget(weight, sig, budget, lowrank=cfg.lowrank, name=name,
+                                           max_iter=cfg.split_iter, groups=groups, **kw)
+        if cfg.iters > cfg.split_iter:  # refit the chosen split longer (from the data start unless told)
+            refit = L.lowrank_sparse(weight, sig, rank, nnz, lowrank=cfg.lowrank, max_iter=cfg.iters, name=name,
+                                     groups=groups, **data_init)
             res = refit if refit.rel_error <= res.rel_error else res
     else:
-        if not 0.0 <= float(sparsity) <= 1.0:
-            raise InputError(f"layer '{name}': sparsity {sparsity} outside [0, 1]",
-                             hint="--sparsity is the fraction of each layer's bytes given to the sparse part")
-        nnz = min(int(float(sparsity) * budget) // (1 + L.INDEX_UNITS), T * D)
+        nnz = min(int(float(cfg.sparsity) * budget) // (1 + L.INDEX_UNITS), T * D)
         rest = budget - nnz * (1 + L.INDEX_UNITS)
-        g = groups or _groups_of(weight, sig) or 1
-        per_rank = L.lowrank_params(tuple(weight.shape), "svd", 1, groups=g)
-        cap = min(T, D) if weight.dim() == 4 and weight.shape[1] == 1 else min(T // g, D)
+        per_rank = L.lowrank_params(tuple(weight.shape), "svd", 1, groups=groups or 1)
+        cap = min(T, D) if weight.dim() == 4 and weight.shape[1] == 1 else min(T // (groups or 1), D)
         rank = max(0, min(int(rest // max(1, per_rank)), cap))
-        res = L.lowrank_sparse(weight, sig, rank, nnz, lowrank="svd", max_iter=iters, name=name,
-                               **extra, **kw)
+        res = L.lowrank_sparse(weight, sig, rank, nnz, lowrank="svd", max_iter=cfg.iters, name=name,
+                               groups=groups, **kw)
     return Fit([res], res.rel_error, list(res.history), _lrs_info(res))
 
 
-def _sparse(weight, sigma, budget, cfg: MethodConfig, name):
+def _sparse(weight, sigma, budget, cfg: SparseConfig, *, name=None, groups=None, holdout=None):
     """Pruning only, at a storage budget: the Frobenius norm keeps the largest weights
     (magnitude pruning), the Sigma norm keeps the largest ``|W_ij| sqrt(Sigma_jj)`` and re-solves
     the kept values in the Sigma metric."""
     from .solvers import lrs as L
 
-    opts = _options(cfg, "sparse")
-    T = weight.shape[0]
-    D = int(math.prod(weight.shape[1:]))
+    T, D = weight.shape[0], int(math.prod(weight.shape[1:]))
     nnz = min(int(budget) // (1 + L.INDEX_UNITS), T * D)
-    extra = {"groups": opts["groups"]} if opts.get("groups") else {}
     fn = L.sigma_prune if sigma is not None else L.magnitude_prune
-    res = fn(weight, _lrs_sigma(sigma), nnz, name=name, **extra,
-             damping=cfg.damping_for("sparse") if sigma is not None else 0.0)
+    res = fn(weight, _lrs_sigma(sigma), nnz, name=name, groups=groups if groups and groups > 1 else None,
+             damping=_damping(cfg, sigma))
     return Fit([res], res.rel_error, list(res.history), _lrs_info(res))
 
 
 METHODS: dict[str, Method] = {
-    "svd": Method("svd", _svd, False, "W ~ A B (conv with the original kernel to r channels, then 1x1)"),
-    "tucker2": Method("tucker2", _tucker2, True, "1x1 to R2, k x k R2 -> R1, 1x1 to T"),
-    "cp3": Method("cp3", _cp("cp3"), True, "1x1 to R, depthwise k x k, 1x1 to T"),
-    "cp4": Method("cp4", _cp("cp4"), True, "1x1 to R, depthwise k x 1, depthwise 1 x k, 1x1 to T"),
-    "cp3-stable": Method("cp3-stable", _stable_cp("cp3"), True,
+    "svd": Method("svd", SvdConfig, _svd, False,
+                  "W ~ A B (conv with the original kernel to r channels, then 1x1)"),
+    "tucker2": Method("tucker2", Tucker2Config, _tucker2, True, "1x1 to R2, k x k R2 -> R1, 1x1 to T"),
+    "cp3": Method("cp3", lambda: CPConfig("cp3"), _cp, True, "1x1 to R, depthwise k x k, 1x1 to T"),
+    "cp4": Method("cp4", lambda: CPConfig("cp4"), _cp, True,
+                  "1x1 to R, depthwise k x 1, depthwise 1 x k, 1x1 to T"),
+    "cp3-stable": Method("cp3-stable", lambda: StableCPConfig("cp3"), _stable_cp, True,
                          "cp3 of minimal sensitivity at the CP-ALS error (robust to rounding)", kind="cp3"),
-    "cp4-stable": Method("cp4-stable", _stable_cp("cp4"), True,
+    "cp4-stable": Method("cp4-stable", lambda: StableCPConfig("cp4"), _stable_cp, True,
                          "cp4 of minimal sensitivity at the CP-ALS error (robust to rounding)", kind="cp4"),
-    "lrs": Method("lrs", _lrs, False, "low rank + sparse (values + int32 indices), same bytes as svd",
+    "lrs": Method("lrs", LRSConfig, _lrs, False, "low rank + sparse (values + int32 indices), same bytes as svd",
                   kind="lrs", sizing="budget"),
-    "sparse": Method("sparse", _sparse, False, "pruning only (values + int32 indices), same bytes as svd",
-                     kind="lrs", sizing="budget"),
+    "sparse": Method("sparse", SparseConfig, _sparse, False,
+                     "pruning only (values + int32 indices), same bytes as svd", kind="lrs", sizing="budget"),
 }
-#: what ``method="auto"`` compares per layer (lowest Sigma error at the allocated size); CP
-#: layers it picks are then made stable (``cp3-stable`` / ``cp4-stable``) unless
-#: ``options['stabilize']`` is False, and ``lrs`` joins when the budget is parameters (it saves
-#: bytes, not multiply-adds).
-AUTO_METHODS = ("svd", "tucker2", "cp3", "cp4")
 
 
 def get_method(name: str) -> Method:
     if name not in METHODS:
         raise InputError(f"unknown method {name!r}", hint=f"use one of {sorted(METHODS)} or auto")
     return METHODS[name]
-
-
-def params_of(method: str, layer: nn.Module, ranks) -> int:
-    """Weights of ``layer`` replaced by ``method`` at ``ranks`` (all groups); a budget-sized
-    method's ``ranks`` is its storage budget."""
-    m = get_method(method)
-    if m.sizing == "budget":
-        return int(ranks)
-    T, S, kh, kw, g = layer_dims(layer)
-    return g * param_count(m.kind, T // g, S, kh, kw, ranks)
-
-
-def dense_params_of(layer: nn.Module) -> int:
-    return layer.weight.numel()
-
-
-def with_norm(cfg: MethodConfig, norm: str) -> MethodConfig:
-    return replace(cfg, norm=norm)
-
-
-def sigma_for(cfg: MethodConfig, sigma: torch.Tensor | None):
-    """The metric a solver sees: the covariance (Sigma norm) or ``None`` (Frobenius)."""
-    return sigma if cfg.norm == "sigma" else None

@@ -7,7 +7,7 @@ allowed relative Sigma error); :func:`resolve_rank` turns any of them into ranks
 Whole-model targets (:func:`allocate`): a compression ratio of the whole model, counted in
 parameters or multiply-adds, spread over the selected layers by one of three strategies:
 
-* ``uniform``: every layer shrinks by the same factor (seed 003's protocol);
+* ``uniform``: every layer shrinks by the same factor (the protocol of the uniform-ratio baselines);
 * ``global``: the budget goes where the Sigma error per parameter saved is smallest. Each
   layer's error curve comes from its whitened spectrum: the singular values of ``W Sigma^{1/2}``
   give the exact relative Sigma error of the best rank-r SVD, ``sum_{i>r} s_i^2 / sum_i s_i^2``
@@ -38,6 +38,7 @@ __all__ = [
     "spectrum_error",
     "resolve_rank",
     "allocate",
+    "check_rank_request",
     "evbmf_rank",
     "format_params",
     "format_macs",
@@ -187,7 +188,7 @@ def resolve_rank(request, fmt: str, shape: LayerShape, spec2: torch.Tensor | Non
     else:
         ranks = tuple(request) if isinstance(request, (tuple, list)) else int(request)
         _check_explicit(fmt, ranks, T, S, kh, kw, name)
-        return ranks
+        return (ranks, ranks) if fmt == "tucker2" and isinstance(ranks, int) else ranks
     if budget >= T * S * kh * kw:
         return None
     ranks = rank_for_budget(fmt, T, S, kh, kw, budget)
@@ -196,12 +197,29 @@ def resolve_rank(request, fmt: str, shape: LayerShape, spec2: torch.Tensor | Non
     return ranks
 
 
+def check_rank_request(rank):
+    """The one check of a rank request: an ``int`` >= 1, a ``(R1, R2)`` pair of them (tucker2),
+    or a ``float`` > 1 (a per-layer compression ratio). Returns it normalised (a list becomes a
+    tuple, an integral float given as a rank stays a ratio)."""
+    if isinstance(rank, (tuple, list)):
+        if len(rank) != 2 or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in rank):
+            raise InputError(f"a rank pair must be two ints >= 1 (tucker2's R1, R2), got {rank!r}",
+                             hint="e.g. (16, 8)")
+        return tuple(rank)
+    if isinstance(rank, bool) or not isinstance(rank, (int, float)):
+        raise InputError(f"rank must be an int >= 1, a pair (R1, R2) or a per-layer ratio > 1, got {rank!r}",
+                         hint="e.g. 16, (16, 8) or 2.5")
+    if isinstance(rank, int) and rank < 1:
+        raise InputError(f"a rank must be at least 1, got {rank}", hint="e.g. 16")
+    if isinstance(rank, float):
+        Ratio(rank)
+    return rank
+
+
 def _check_explicit(fmt, ranks, T, S, kh, kw, name):
     D = S * kh * kw
     if fmt == "tucker2":
-        if not (isinstance(ranks, tuple) and len(ranks) == 2):
-            raise InputError(f"layer '{name}': tucker2 needs two ranks (R1, R2), got {ranks}")
-        r1, r2 = ranks
+        r1, r2 = ranks if isinstance(ranks, tuple) else (ranks, ranks)  # an int R is (R, R)
         if not (1 <= r1 <= T and 1 <= r2 <= S):
             raise InputError(f"layer '{name}': tucker2 ranks {ranks} impossible for T={T}, S={S}",
                              hint=f"use 1 <= R1 <= {T} and 1 <= R2 <= {S}")
@@ -329,18 +347,18 @@ def _first_fraction(shape: LayerShape, fmt: str) -> float:
 LAYER_ERROR_CAPS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, None)
 
 
-def allocate(shapes: dict[str, LayerShape], fmts: dict[str, str], ratio: float, *, total: int,
-             budget: str = "both", strategy: str = "global",
+def allocate(shapes: dict[str, LayerShape], fmts: dict[str, str], request, *, total: int,
              spectra: dict[str, torch.Tensor] | None = None,
              weights: dict[str, float] | None = None) -> dict:
-    """Per-layer ranks (``None`` = leave dense) so that the whole model shrinks by ``ratio``.
+    """Per-layer ranks (``None`` = leave dense) so that the whole model shrinks by ``request.ratio``.
 
     Args:
         shapes, fmts: the selected layers and the format each will use.
-        ratio: whole-model ratio (> 1), in parameters (``budget="params"``) or multiply-adds
-            (``budget="flops"``).
+        request: a :class:`ddtd.config.Size` (or any object with ``ratio``, ``budget`` and
+            ``strategy``): the whole-model ratio (> 1), counted in parameters (``budget`` ``params``
+            or ``both``) or multiply-adds (``flops``), spread ``uniform`` or ``global`` (``global``
+            needs ``spectra``).
         total: the whole model's parameters (or multiply-adds), selected layers included.
-        strategy: ``uniform`` or ``global`` (``global`` needs ``spectra``).
         weights: ``global`` only. ``None``: a layer's error is its discarded Sigma energy relative
             to its own output energy (every layer counts alike). Otherwise the error of layer
             ``l`` is ``weights[l] * E||y_l - y~_l||^2``, the absolute discarded energy per output
@@ -348,6 +366,7 @@ def allocate(shapes: dict[str, LayerShape], fmts: dict[str, str], ratio: float, 
             (:func:`ddtd.sensitivity.output_sensitivity`), so the budget goes where the model's
             output changes least.
     """
+    ratio, budget, strategy = request.ratio, request.budget, request.strategy
     if not ratio > 1:
         raise InputError(f"the compression ratio must be > 1, got {ratio}", hint="e.g. --ratio 4")
     measure = format_params if budget in ("params", "both") else format_macs

@@ -1,17 +1,88 @@
-"""Text / JSON report of a compression, and a plot of accuracy against compression ratio."""
+"""What a compression reports: the per-layer table and totals (:class:`Report`), the result of
+:func:`ddtd.compress` (:class:`CompressResult`), and their text / JSON forms and a plot of
+accuracy against compression ratio."""
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
+
+from torch import nn
 
 from .atomic import atomic_path
-from .pipeline import Report
 from .errors import InputError
 from .solvers import NORM_GROWTH_WARN, norm_growth_warning
 
-__all__ = ["format_report", "growth_warnings", "write_json", "plot_accuracy"]
+__all__ = ["LayerReport", "Report", "CompressResult", "format_report", "growth_warnings", "write_json",
+           "plot_accuracy"]
+
+
+@dataclass
+class LayerReport:
+    """One row of the table: what became of one layer (``method`` ``"dense"`` when it was kept,
+    ``note`` says why), its sizes before / after, its errors and fitting time."""
+
+    name: str
+    type: str
+    method: str
+    ranks: Any
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    sigma_error: float | None
+    weight_error: float | None
+    seconds: float
+    note: str = ""
+    info: dict = field(default_factory=dict)  # method extras: sensitivity before / after, nnz, bytes
+
+
+@dataclass
+class Report:
+    """Per-layer table and totals of a compression (JSON-serialisable with :meth:`to_dict`)."""
+
+    layers: list[LayerReport] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    macs_before: int = 0
+    macs_after: int = 0
+    settings: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+    fidelity: dict = field(default_factory=dict)  # held-out agreement / error, target, probe curve
+
+    @property
+    def ratio(self) -> float:
+        return self.params_before / max(1, self.params_after)
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.macs_before / max(1, self.macs_after)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["ratio"], d["macs_ratio"] = self.ratio, self.macs_ratio
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Report":
+        d = {k: v for k, v in d.items() if k not in ("ratio", "macs_ratio")}
+        d["layers"] = [LayerReport(**row) for row in d.get("layers", [])]
+        return cls(**d)
+
+
+@dataclass
+class CompressResult:
+    """The compressed model (plain PyTorch), its :class:`Report` and the replacement records
+    that :func:`ddtd.model_io.load_model` replays on a fresh architecture."""
+
+    model: nn.Module
+    report: Report
+    records: list[dict]
+
+
 
 
 def _fmt_ranks(r) -> str:

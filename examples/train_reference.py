@@ -3,12 +3,16 @@
     python examples/train_reference.py --model resnet18      # torchvision resnet18, 10 classes
     python examples/train_reference.py --model vgg           # ddtd.zoo:vgg_fmnist
     python examples/train_reference.py --model mobilenet_v3_small   # torchvision, 10 classes
+    python examples/train_reference.py --model resnet18 --recipe demo   # the demo's quick model
 
 Inputs are 32x32, 3 channels (the grey image replicated), normalised with ImageNet mean / std:
 exactly what `ddtd calibrate --images calib/<subset> --size 32` feeds the model, through the same
-`ddtd.data.preprocess`. Each model trains in about 10-15 minutes on 2 CPU cores and is cached
-(state dict, ddtd model file and metrics) under $DDTD_CACHE (default ~/.cache/ddtd/reference),
-so a second run only loads it.
+`ddtd.data.preprocess`. The full recipe (``--recipe full``, the benchmarks' models) trains each
+model for several epochs on all 60k training images, 10-15 minutes per epoch-set on 2 CPU cores;
+the demo recipe (``--recipe demo``) trains one epoch on a seeded 12k-image subset in about a minute
+(its test accuracy is recorded in the metrics file). Models are cached (state dict, ddtd model
+file and metrics) under $DDTD_CACHE (default ~/.cache/ddtd/reference), so a second run only
+loads them.
 """
 
 from __future__ import annotations
@@ -37,15 +41,18 @@ SPECS = {
     "mobilenet_v3_small": {"source": "torchvision", "name": "mobilenet_v3_small", "kwargs": {"num_classes": 10}},
 }
 EPOCHS = {"resnet18": 12, "vgg": 8, "mobilenet_v3_small": 20}
+#: The demo recipe: one epoch on this many training images (a seeded subset).
+DEMO_IMAGES = 12_000
 TRANSFORM = ImageTransform(size=32, channels=3)
 CACHE = Path(os.environ.get("DDTD_CACHE", Path.home() / ".cache" / "ddtd")) / "reference"
 
 
-def paths(name: str) -> dict[str, Path]:
+def paths(name: str, recipe: str = "full") -> dict[str, Path]:
+    stem = f"{name}_fmnist" + ("_demo" if recipe == "demo" else "")
     return {
-        "weights": CACHE / f"{name}_fmnist.pt",
-        "model": CACHE / f"{name}_fmnist.ddtd",
-        "metrics": CACHE / f"{name}_fmnist.json",
+        "weights": CACHE / f"{stem}.pt",
+        "model": CACHE / f"{stem}.ddtd",
+        "metrics": CACHE / f"{stem}.json",
     }
 
 
@@ -78,10 +85,13 @@ def bf16_is_fast() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def train(name: str, epochs: int, batch_size: int, lr: float, seed: int) -> dict:
+def train(name: str, epochs: int, batch_size: int, lr: float, seed: int, recipe: str = "full") -> dict:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     xtr_u8, ytr = load_fashion_mnist("train")
+    if recipe == "demo":
+        keep = torch.randperm(len(xtr_u8), generator=torch.Generator().manual_seed(seed))[:DEMO_IMAGES]
+        xtr_u8, ytr = xtr_u8[keep], ytr[keep]
     xte_u8, yte = load_fashion_mnist("test")
     xtr = torch.cat([preprocess(xtr_u8[i : i + 5000], TRANSFORM) for i in range(0, len(xtr_u8), 5000)])
     xte = torch.cat([preprocess(xte_u8[i : i + 5000], TRANSFORM) for i in range(0, len(xte_u8), 5000)])
@@ -112,11 +122,13 @@ def train(name: str, epochs: int, batch_size: int, lr: float, seed: int) -> dict
         "test_accuracy": acc,
         "train_seconds": round(time.time() - t0, 1),
         "epochs": epochs,
+        "recipe": recipe,
+        "train_images": len(xtr),
         "threads": torch.get_num_threads(),
         "bf16_autocast": amp,
         "transform": TRANSFORM.to_dict(),
     }
-    p = paths(name)
+    p = paths(name, recipe)
     model = model.to(memory_format=torch.contiguous_format)
     with atomic_path(p["weights"]) as tmp:
         torch.save(model.state_dict(), tmp)
@@ -126,14 +138,16 @@ def train(name: str, epochs: int, batch_size: int, lr: float, seed: int) -> dict
     return metrics
 
 
-def ensure(name: str, epochs: int | None = None, batch_size: int = 128, lr: float = 0.1, seed: int = 0) -> dict:
+def ensure(name: str, epochs: int | None = None, batch_size: int = 128, lr: float = 0.1, seed: int = 0,
+           recipe: str = "full") -> dict:
     """Train ``name`` unless its cached files exist; return its metrics and file paths."""
-    p = paths(name)
+    p = paths(name, recipe)
     if all(v.exists() for v in p.values()):
         metrics = json.loads(p["metrics"].read_text())
         print(f"{name}: cached at {p['model']} (test accuracy {metrics['test_accuracy']:.4f})")
     else:
-        metrics = train(name, epochs or EPOCHS[name], batch_size, lr, seed)
+        default_epochs = 1 if recipe == "demo" else EPOCHS[name]
+        metrics = train(name, epochs or default_epochs, batch_size, lr, seed, recipe)
     return {**metrics, **{k: str(v) for k, v in p.items()}}
 
 
@@ -141,6 +155,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(SPECS) + ["all"], default="all")
     ap.add_argument("--epochs", type=int, default=None, help="default: 12 (resnet18), 8 (vgg), 20 (mobilenet_v3_small)")
+    ap.add_argument("--recipe", choices=["full", "demo"], default="full",
+                    help=f"full: the benchmarks' models; demo: 1 epoch on {DEMO_IMAGES} images (about a minute)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
@@ -151,7 +167,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     names = sorted(SPECS) if args.model == "all" else [args.model]
     for name in names:
-        info = ensure(name, args.epochs, args.batch_size, args.lr, args.seed)
+        info = ensure(name, args.epochs, args.batch_size, args.lr, args.seed, args.recipe)
         print(json.dumps(info))
     return 0
 

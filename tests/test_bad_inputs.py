@@ -27,6 +27,9 @@ from pathlib import Path
 import h5py
 import pytest
 import torch
+
+from ddtd.config import CalibrationConfig, config_from_options
+from ddtd.selection import layer_filter
 from torch import nn
 
 import ddtd
@@ -173,7 +176,7 @@ def test_nan_weights_are_refused_naming_the_parameter(env, tmp_path, capsys):
     model = tiny_net()
     model.load_state_dict(sd)
     with pytest.raises(NumericalError, match="conv2.weight"):
-        ddtd.compress(model, torch.randn(4, 3, 16, 16), ratio=2, show_progress=False)
+        ddtd.compress(model, torch.randn(4, 3, 16, 16), config_from_options(ratio=2, show_progress=False))
 
 
 def _corrupt(path: Path, layer="conv3", value=8.8e307, checksum=True):
@@ -230,8 +233,7 @@ def test_zero_variance_images_warn_and_errors_are_never_negative(tmp_path, caplo
     torch.manual_seed(0)
     model = tiny_net()
     with caplog.at_level(logging.WARNING, logger="ddtd"):
-        res = ddtd.compress(model, torch.zeros(16, 3, 16, 16), ratio=1.5, strategy="uniform",
-                            include_first=True, show_progress=False)
+        res = ddtd.compress(model, torch.zeros(16, 3, 16, 16), config_from_options(ratio=1.5, strategy="uniform", show_progress=False), filter_fn=layer_filter(model, include_first=True))
     assert "zero variance" in caplog.text
     errs = [r.sigma_error for r in res.report.layers if r.sigma_error is not None]
     assert errs and all(e >= 0 for e in errs), errs
@@ -316,13 +318,13 @@ def test_api_refuses_out_of_range_requests_before_calibrating(monkeypatch):
     monkeypatch.setattr(pipeline, "calibrate", no_work)
     monkeypatch.setattr(pipeline, "prepare", no_work)
     model, x = tiny_net(), torch.randn(4, 3, 16, 16)
-    for kw, text in (({"ratio": 0.5}, "ratio"), ({"ratio": float("inf")}, "ratio"), ({"error": 2.0}, "error budget"),
+    for kw, text in (({"ratio": 0.5}, "ratio"), ({"ratio": float("inf")}, "ratio"), ({"error": 2.0}, "error 2.0 is out of range"),
                      ({"rank": 0}, "rank"), ({"rank": "abc"}, "rank"), ({"ratio": 2, "method": "nope"}, "nope"),
                      ({"ratio": 2, "norm": "l1"}, "norm"), ({"ratio": 2, "device": "gpu0"}, "device")):
         with pytest.raises(InputError, match=text):
-            ddtd.compress(model, x, **kw)
+            ddtd.compress(model, x, config_from_options(**kw))
     with pytest.raises(InputError, match="no Conv2d or Linear"):
-        ddtd.compress(nn.Sequential(nn.ReLU()), x, ratio=2)
+        ddtd.compress(nn.Sequential(nn.ReLU()), x, config_from_options(ratio=2))
 
 
 def test_broken_pipe_is_quiet(env):
@@ -341,7 +343,7 @@ def test_ctrl_c_while_a_store_is_written_exits_130_and_keeps_the_old_file(env, t
     a, b, out = tmp_path / "a.h5", tmp_path / "b.h5", tmp_path / "out.h5"
     model = load_model(env / "m.ddtd", trust_factory="conftest")
     for path in (a, b, out):
-        save_calibration(calibrate(model, torch.randn(4, 3, 16, 16), show_progress=False), path)
+        save_calibration(calibrate(model, torch.randn(4, 3, 16, 16), CalibrationConfig(show_progress=False)), path)
     before = _sha(out)
     script = textwrap.dedent(f"""
         import os, signal, sys
@@ -373,7 +375,7 @@ def test_stale_temporary_files_are_removed_on_the_next_run(env, tmp_path, caplog
     alive.write_bytes(b"y")
     model = load_model(env / "m.ddtd", trust_factory="conftest")
     with caplog.at_level(logging.WARNING, logger="ddtd"):
-        save_calibration(calibrate(model, torch.randn(2, 3, 16, 16), show_progress=False), out)
+        save_calibration(calibrate(model, torch.randn(2, 3, 16, 16), CalibrationConfig(show_progress=False)), out)
     assert not stale.exists() and alive.exists() and out.exists()
     assert "interrupted ddtd run" in caplog.text
 
@@ -410,7 +412,7 @@ def test_unsupported_layers_are_listed_as_dense():
             return self.fc(x)
 
     torch.manual_seed(0)
-    res = ddtd.compress(Mixed(), torch.randn(8, 3, 8, 8), rank=2, show_progress=False)
+    res = ddtd.compress(Mixed(), torch.randn(8, 3, 8, 8), config_from_options(rank=2, show_progress=False))
     rows = {r.name: r for r in res.report.layers}
     for name, kind in (("up", "ConvTranspose2d"), ("line", "Conv1d")):
         assert rows[name].method == "dense" and kind in rows[name].note and "not supported" in rows[name].note

@@ -9,6 +9,8 @@ import itertools
 
 import pytest
 import torch
+
+from ddtd.config import CalibrationConfig
 from torch import nn
 
 from ddtd.calibration import (
@@ -56,7 +58,7 @@ class Wrap(nn.Module):
 
 def _stored_moments(layer, x, tmp_path):
     model = Wrap(layer)
-    result = calibrate(model, x, batch_size=3, show_progress=False)
+    result = calibrate(model, x, CalibrationConfig(batch_size=3, show_progress=False))
     path = save_calibration(result, tmp_path / "s.h5")
     store = CovarianceStore(path)
     store.check_model(model)

@@ -4,15 +4,20 @@ import math
 
 import pytest
 import torch
+
+from ddtd.config import CalibrationConfig, config_from_options
+from ddtd.selection import layer_filter
 from torch import nn
 
 from conftest import write_images
 from ddtd.calibration import calibrate, save_calibration
 from ddtd.cli import main
 from ddtd import pipeline
-from ddtd.pipeline import compress, solve
+from ddtd import sequential
+from ddtd.fitting import LayerData, solve
+from ddtd.pipeline import compress
 from ddtd.errors import DdtdError, InputError, StoreMismatchError
-from ddtd.methods import MethodConfig
+from ddtd.methods import SvdConfig
 from ddtd.model_io import load_model, save_model
 
 
@@ -63,16 +68,15 @@ def _out_err(a, b, x):
 @pytest.mark.parametrize("strategy", ["uniform", "global"])
 @pytest.mark.parametrize("ratio", [2.0, 3.0])
 def test_requested_ratio_is_met_within_2_percent(net, data, strategy, ratio):
-    res = compress(net, data, ratio=ratio, method="svd", strategy=strategy, sequential=False, show_progress=False)
+    res = compress(net, data, config_from_options(ratio=ratio, method="svd", strategy=strategy, sequential=False, show_progress=False))
     assert abs(res.report.ratio / ratio - 1) <= 0.02, res.report.ratio
     assert res.report.params_after == sum(p.numel() for p in res.model.parameters())
 
 
 @pytest.mark.parametrize("method", ["svd", "tucker2", "cp3", "cp4", "auto"])
 def test_every_method_compresses_and_reports(net, data, method):
-    cfg = MethodConfig(max_iter=8)
-    res = compress(net, data, ratio=2.0, method=method, strategy="uniform", config=cfg, sequential=False,
-                   show_progress=False)
+    res = compress(net, data, config_from_options(ratio=2.0, method=method, strategy="uniform", max_iter=8,
+                                                  sequential=False, show_progress=False))
     rows = [r for r in res.report.layers if r.method != "dense"]
     assert rows and all(r.params_after < r.params_before for r in rows)
     assert all(0 <= r.sigma_error < 1 for r in rows)
@@ -89,8 +93,8 @@ def test_every_method_compresses_and_reports(net, data, method):
 
 def test_sigma_beats_frobenius_on_output_error(net, data):
     kw = dict(ratio=3.0, method="svd", strategy="uniform", sequential=False, show_progress=False)
-    sig = compress(net, data[:64], norm="sigma", **kw)
-    fro = compress(net, data[:64], norm="frobenius", **kw)
+    sig = compress(net, data[:64], config_from_options(norm="sigma", **kw))
+    fro = compress(net, data[:64], config_from_options(norm="frobenius", **kw))
     held_out = data[64:]
     assert _out_err(net, sig.model, held_out) < 0.5 * _out_err(net, fro.model, held_out)
 
@@ -100,19 +104,19 @@ def test_bias_correction_makes_sigma_error_the_output_error():
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 24, 3, padding=1).double()
     x = torch.relu(torch.randn(8, 16, 9, 9, dtype=torch.float64) + 0.5)
-    lm = calibrate(nn.Sequential(conv), x, show_progress=False).moments["0"]
-    out = solve("0", conv, "svd", 6, MethodConfig(), lm.covariance(), lm.mean())
+    lm = calibrate(nn.Sequential(conv), x, CalibrationConfig(show_progress=False)).moments["0"]
+    out = solve(conv, SvdConfig(), 6, LayerData(lm.covariance(), lm.mean()), name="0")
     approx = nn.Conv2d(16, 24, 3, padding=1).double()
     from ddtd.layers import factorized_weight
 
-    approx.weight.data = factorized_weight(conv, "svd", *out["factors"]).double()
-    approx.bias.data = out["bias"].double()
+    approx.weight.data = factorized_weight(conv, "svd", *out.factors).double()
+    approx.bias.data = out.bias.double()
     with torch.no_grad():
         y, y2 = conv(x), approx(x)
     err = (y - y2).pow(2).sum(1).mean()
     yc = y - y.mean(dim=(0, 2, 3), keepdim=True)
     energy = yc.pow(2).sum(1).mean()
-    torch.testing.assert_close(err / energy, torch.tensor(out["sigma_error"], dtype=torch.float64), rtol=1e-6, atol=0)
+    torch.testing.assert_close(err / energy, torch.tensor(out.sigma_error, dtype=torch.float64), rtol=1e-6, atol=0)
 
 
 def test_sequential_fit_is_optimal_for_the_compressed_inputs():
@@ -121,9 +125,10 @@ def test_sequential_fit_is_optimal_for_the_compressed_inputs():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(8, 24, 3, padding=1), nn.ReLU(), nn.Conv2d(24, 24, 3, padding=1)).eval()
     x = torch.nn.functional.interpolate(torch.randn(32, 8, 5, 5), size=12, mode="bilinear") + 0.2
-    kw = dict(rank=4, method="svd", include_first=True, show_progress=False)
-    plain = compress(model, x, sequential=False, **kw)
-    seq = compress(model, x, sequential=True, **kw)
+    kw = dict(rank=4, method="svd", show_progress=False)
+    every = layer_filter(model, include_first=True)
+    plain = compress(model, x, config_from_options(sequential=False, **kw), filter_fn=every)
+    seq = compress(model, x, config_from_options(sequential=True, **kw), filter_fn=every)
     with torch.no_grad():
         target = model(x)
         first = torch.equal(plain.model[0](x), seq.model[0](x))  # layer 1 is fitted identically
@@ -160,11 +165,11 @@ def test_saved_file_reloads_with_weights_only_and_same_outputs(tmp_path):
 
 def test_bad_inputs_are_refused_and_write_nothing(tmp_path, net, data, capsys):
     with pytest.raises(InputError, match="finite number > 1"):
-        compress(net, data, ratio=1.0, show_progress=False)
+        compress(net, data, config_from_options(ratio=1.0, show_progress=False))
     with pytest.raises(InputError, match="larger than the layer allows"):
-        compress(net, data, rank=10_000, method="svd", show_progress=False)
-    with pytest.raises(InputError, match="one of ratio, rank"):
-        compress(net, data, ratio=2, rank=3, show_progress=False)
+        compress(net, data, config_from_options(rank=10_000, method="svd", show_progress=False))
+    with pytest.raises(InputError, match="give one size"):
+        compress(net, data, config_from_options(ratio=2, rank=3, show_progress=False))
     # a store missing a layer
     model = load_model("ddtd.zoo:vgg_fmnist")
     src = tmp_path / "vgg.ddtd"
@@ -180,7 +185,7 @@ def test_bad_inputs_are_refused_and_write_nothing(tmp_path, net, data, capsys):
     assert "no entry in the covariance store" in capsys.readouterr().err and not out.exists()
     # a store of another model
     other = tmp_path / "other.h5"
-    res = calibrate(small_cnn(), torch.randn(4, 3, 16, 16), show_progress=False)
+    res = calibrate(small_cnn(), torch.randn(4, 3, 16, 16), CalibrationConfig(show_progress=False))
     save_calibration(res, other)
     assert main(["compress", "--model", str(src), "--calib", str(other), "--size", "32", "--ratio", "2",
                  "-o", str(out)]) == 2
@@ -193,10 +198,10 @@ def test_bad_inputs_are_refused_and_write_nothing(tmp_path, net, data, capsys):
 
 
 def test_store_mismatch_raises_typed_error(tmp_path, net):
-    res = calibrate(small_cnn(width=8), torch.randn(2, 3, 16, 16), show_progress=False)
+    res = calibrate(small_cnn(width=8), torch.randn(2, 3, 16, 16), CalibrationConfig(show_progress=False))
     save_calibration(res, tmp_path / "s.h5")
     with pytest.raises(StoreMismatchError):
-        compress(net, store=tmp_path / "s.h5", ratio=2, input_shape=(3, 16, 16), show_progress=False)
+        compress(net, None, config_from_options(ratio=2, input_shape=(3, 16, 16), show_progress=False), store=tmp_path / "s.h5")
     assert issubclass(StoreMismatchError, DdtdError)
 
 
@@ -226,8 +231,7 @@ def test_eval_accuracy_and_agreement_on_a_labelled_folder(tmp_path, capsys):
 
 
 def test_conv_only_methods_fall_back_to_svd_for_linear_layers(net, data):
-    res = compress(net, data, ratio=2.0, method="tucker2", strategy="uniform", include_last=True,
-                   config=MethodConfig(max_iter=4), show_progress=False)
+    res = compress(net, data, config_from_options(ratio=2.0, method="tucker2", strategy="uniform", max_iter=4, show_progress=False), filter_fn=layer_filter(net, include_last=True))
     kinds = {r.name: r.method for r in res.report.layers}
     assert kinds["19"] == "svd" and kinds["21"] == "svd"  # the two Linear layers
     assert any(m == "tucker2" for m in kinds.values())
@@ -248,7 +252,7 @@ def test_new_methods_compress_save_and_reload(tmp_path, data, method):
 
     net = _tiny_cnn()
     net.ddtd_spec = {"source": "factory", "name": "test_compress:small_cnn", "kwargs": {"width": 8}}
-    res = compress(net, data, ratio=2.0, method=method, config=MethodConfig(max_iter=10), show_progress=False)
+    res = compress(net, data, config_from_options(ratio=2.0, method=method, max_iter=10, show_progress=False))
     rows = [r for r in res.report.layers if r.method not in ("dense", "svd")]
     assert rows and all(r.method == method for r in rows)
     assert abs(res.report.ratio / 2.0 - 1) <= 0.02, res.report.ratio
@@ -271,10 +275,10 @@ def test_lowrank_sparse_beats_lowrank_only_and_pruning_only_at_equal_bytes(data)
     """Same byte budget per layer: ddtd's low-rank + sparse fit has a lower held-out output
     error than the svd (low rank only) and magnitude pruning (sparse only, Frobenius)."""
     net = _tiny_cnn()
-    kw = dict(ratio=2.0, strategy="uniform", show_progress=False, config=MethodConfig(max_iter=10))
-    fit = compress(net, data[:64], method="lrs", **kw)
-    low = compress(net, data[:64], method="svd", **kw)
-    mag = compress(net, data[:64], method="sparse", norm="frobenius", **kw)
+    kw = dict(ratio=2.0, strategy="uniform", show_progress=False, max_iter=10)
+    fit = compress(net, data[:64], config_from_options(method="lrs", **kw))
+    low = compress(net, data[:64], config_from_options(method="svd", **kw))
+    mag = compress(net, data[:64], config_from_options(method="sparse", norm="frobenius", **kw))
     assert fit.report.params_after <= low.report.params_after * 1.001
     held = data[64:]
     e_fit, e_low, e_mag = (_out_err(net, r.model, held) for r in (fit, low, mag))
@@ -328,7 +332,7 @@ def test_sequential_auto_needs_a_significantly_lower_held_out_error(data, monkey
     held-out output error lower by more than SEQUENTIAL_Z standard errors; the first compressed
     layer (nothing upstream changed) is never sequential."""
     net = _tiny_cnn()
-    res = compress(net, data, rank=3, method="svd", show_progress=False)
+    res = compress(net, data, config_from_options(rank=3, method="svd", show_progress=False))
     assert res.report.settings["sequential"] == "auto"
     rows = [r for r in res.report.layers if r.method != "dense"]
     assert "heldout_error" not in rows[0].info and rows[0].note == ""
@@ -338,14 +342,14 @@ def test_sequential_auto_needs_a_significantly_lower_held_out_error(data, monkey
         e = r.info["heldout_error"]
         # z is the mean per-image difference over its standard error: its sign is the totals'
         assert (e["z"] > 0) == (e["sequential"] < e["original_inputs"])
-        assert (r.note == "sequential") == (e["z"] > pipeline.SEQUENTIAL_Z)
+        assert (r.note == "sequential") == (e["z"] > sequential.SEQUENTIAL_Z)
     # the threshold decides: none sequential above every z, all decided ones below
     for z, expect in ((math.inf, set()), (-math.inf, {r.name for r in decided})):
-        monkeypatch.setattr(pipeline, "SEQUENTIAL_Z", z)
-        again = compress(net, data, rank=3, method="svd", show_progress=False)
+        monkeypatch.setattr(sequential, "SEQUENTIAL_Z", z)
+        again = compress(net, data, config_from_options(rank=3, method="svd", show_progress=False))
         assert {r.name for r in again.report.layers if r.note == "sequential"} == expect
     # the Frobenius baseline stays data-free unless asked
-    fro = compress(net, data, rank=3, method="svd", norm="frobenius", show_progress=False)
+    fro = compress(net, data, config_from_options(rank=3, method="svd", norm="frobenius", show_progress=False))
     assert fro.report.settings["sequential"] == "off"
 
 
@@ -356,14 +360,14 @@ def test_paired_z_is_the_paired_t_statistic():
     g = torch.Generator().manual_seed(0)
     a = torch.rand(50, generator=g, dtype=torch.float64) * 10
     b = a - 0.3 + torch.randn(50, generator=g, dtype=torch.float64)
-    assert pipeline._paired_z(a, b) == pytest.approx(ttest_rel(a.numpy(), b.numpy()).statistic, rel=1e-10)
-    assert pipeline._paired_z(b, a) == pytest.approx(-pipeline._paired_z(a, b), rel=1e-12)
-    assert pipeline._paired_z(a, a) == 0.0 and pipeline._paired_z(a[:1], b[:1]) == 0.0
+    assert sequential.paired_z(a, b) == pytest.approx(ttest_rel(a.numpy(), b.numpy()).statistic, rel=1e-10)
+    assert sequential.paired_z(b, a) == pytest.approx(-sequential.paired_z(a, b), rel=1e-12)
+    assert sequential.paired_z(a, a) == 0.0 and sequential.paired_z(a[:1], b[:1]) == 0.0
     n = torch.arange(50, dtype=torch.float64)
-    assert pipeline._paired_z(n + 1, n) == math.inf  # an exactly constant gain: certain
+    assert sequential.paired_z(n + 1, n) == math.inf  # an exactly constant gain: certain
 
 
 def test_lowrank_sparse_layers_count_their_dense_multiply_adds(data):
     """A low-rank + sparse layer runs its merged dense weight: no multiply-adds are saved."""
-    res = compress(_tiny_cnn(), data, ratio=2.0, method="lrs", sequential=False, show_progress=False)
+    res = compress(_tiny_cnn(), data, config_from_options(ratio=2.0, method="lrs", sequential=False, show_progress=False))
     assert res.report.macs_after == res.report.macs_before

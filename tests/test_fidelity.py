@@ -4,6 +4,9 @@ import math
 
 import pytest
 import torch
+
+from ddtd.config import CalibrationConfig, config_from_options
+from ddtd.selection import layer_filter
 from torch import nn
 
 import ddtd
@@ -38,34 +41,34 @@ def test_fisher_weights_of_the_logits_are_the_class_variances(single_thread):
 
 
 def test_output_weighted_fit_minimises_the_weighted_objective(single_thread):
-    """pipeline.solve with out_weights: the svd fit equals the closed form S^-1 U_r U_r^T S W and
+    """fitting.solve with out_weights: the svd fit equals the closed form S^-1 U_r U_r^T S W and
     beats the unweighted fit in the weighted objective (and loses in the unweighted one)."""
-    from ddtd.methods import MethodConfig
-    from ddtd.pipeline import solve
+    from ddtd.fitting import LayerData, solve
+    from ddtd.methods import SvdConfig
 
     torch.manual_seed(0)
     layer = nn.Linear(12, 10).double()
     x = torch.randn(500, 12, dtype=torch.float64) @ torch.randn(12, 12, dtype=torch.float64)
     sig = torch.cov(x.T)[None]
     d = torch.rand(10, dtype=torch.float64) ** 4 + 1e-3
-    plain = solve("l", layer, "svd", 3, MethodConfig(), sig, x.mean(0)[None])
-    weighted = solve("l", layer, "svd", 3, MethodConfig(), sig, x.mean(0)[None], out_weights=d)
+    plain = solve(layer, SvdConfig(), 3, LayerData(sig, x.mean(0)[None]), name="l")
+    weighted = solve(layer, SvdConfig(), 3, LayerData(sig, x.mean(0)[None], out_weights=d), name="l")
     W = layer.weight.detach()
     s = d.sqrt()[:, None]
     ev, U = torch.linalg.eigh((s * W) @ sig[0] @ (s * W).T)
     Ur = U[:, -3:]
     want = (Ur @ Ur.T @ (s * W)) / s
-    from ddtd.pipeline import dense_weight
+    from ddtd.fitting import dense_weight
 
-    torch.testing.assert_close(dense_weight(layer, "svd", weighted["factors"]).double(), want, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(dense_weight(layer, "svd", weighted.factors).double(), want, rtol=1e-4, atol=1e-6)
 
     def werr(out):
-        E = (W - dense_weight(layer, "svd", out["factors"]).double()) * s
+        E = (W - dense_weight(layer, "svd", out.factors).double()) * s
         return float(torch.trace(E @ sig[0] @ E.T))
 
     assert werr(weighted) < werr(plain) * (1 - 1e-3)
-    assert weighted["sigma_error"] > plain["sigma_error"]
-    assert weighted["info"]["weighted_error"] == pytest.approx(werr(weighted) / float(torch.trace(
+    assert weighted.sigma_error > plain.sigma_error
+    assert weighted.info["weighted_error"] == pytest.approx(werr(weighted) / float(torch.trace(
         (s * W) @ sig[0] @ (s * W).T)), rel=1e-6)
 
 
@@ -73,7 +76,7 @@ def test_svd_probe_equals_the_sigma_svd_solver(single_thread):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 12, 3, padding=1))
     x = torch.randn(32, 3, 10, 10)
-    moments = calibrate(net, x, show_progress=False).moments
+    moments = calibrate(net, x, CalibrationConfig(show_progress=False)).moments
     probe = SvdProbe(net, moments, ["2"])
     for r in (1, 3, 7):
         Wt, shift = probe.truncated("2", r)
@@ -123,7 +126,7 @@ def test_min_agreement_is_met_on_the_held_out_inputs(single_thread):
     torch.manual_seed(0)
     net = _Classifier().eval()
     x = torch.randn(160, 3, 8, 8)
-    res = ddtd.compress(net, x, min_agreement=0.9, method="svd", sequential=False, show_progress=False)
+    res = ddtd.compress(net, x, config_from_options(min_agreement=0.9, method="svd", sequential=False, show_progress=False))
     fid = res.report.fidelity
     assert fid["heldout"]["agreement"] >= 0.9 and fid["heldout"]["images"] == 20
     assert fid["curve"] and res.report.ratio > 1.1
@@ -141,16 +144,14 @@ def test_a_ratio_with_poor_fidelity_warns_with_a_safe_ratio(single_thread, caplo
     net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
     x = torch.randn(400, 64)
     with caplog.at_level("WARNING", logger="ddtd"):
-        res = ddtd.compress(net, x, ratio=4, method="svd", sequential=False, include_first=True,
-                            show_progress=False)
+        res = ddtd.compress(net, x, config_from_options(ratio=4, method="svd", sequential=False, show_progress=False), filter_fn=layer_filter(net, include_first=True))
     fid = res.report.fidelity
     assert fid["heldout"]["agreement"] < 0.9
     assert "POOR FIDELITY" in caplog.text
     safe = fid["safe_ratio_estimate"]
     assert safe is None or 1 < safe < 4
     if safe is not None:
-        again = ddtd.compress(net, x, ratio=safe, method="svd", sequential=False, include_first=True,
-                              show_progress=False)
+        again = ddtd.compress(net, x, config_from_options(ratio=safe, method="svd", sequential=False, show_progress=False), filter_fn=layer_filter(net, include_first=True))
         assert again.report.fidelity["heldout"]["agreement"] >= 0.99 - 1 / 50
 
 
@@ -173,8 +174,7 @@ def test_sensitivity_allocation_lowers_the_output_error(single_thread):
     x = torch.randn(512, 24) @ torch.diag(torch.linspace(0.2, 2, 24))
     errs = {}
     for alloc in ("relative", "sensitivity"):
-        res = ddtd.compress(net, x, ratio=1.6, method="svd", allocation=alloc, sequential=False,
-                            include_first=True, show_progress=False)
+        res = ddtd.compress(net, x, config_from_options(ratio=1.6, method="svd", allocation=alloc, sequential=False, show_progress=False), filter_fn=layer_filter(net, include_first=True))
         errs[alloc] = res.report.fidelity["heldout"]["relative_error"]
         assert res.report.settings["allocation"] == alloc
     assert errs["sensitivity"] < 0.7 * errs["relative"], errs
@@ -187,16 +187,16 @@ def test_default_budget_never_picks_a_format_slower_than_dense(single_thread):
     torch.manual_seed(0)
     net = _Classifier().eval()
     x = torch.randn(64, 3, 8, 8)
-    kw = dict(ratio=2.5, method="auto", sequential=False, holdout=0, config=None, show_progress=False)
-    both = ddtd.compress(net, x, **kw)
+    kw = dict(ratio=2.5, method="auto", sequential=False, holdout=0, show_progress=False)
+    both = ddtd.compress(net, x, config_from_options(**kw))
     assert both.report.settings["budget"] == "both"
     rows = [r for r in both.report.layers if r.method != "dense"]
     assert rows and all(r.method != "lrs" and r.macs_after <= r.macs_before for r in rows)
     assert both.report.macs_ratio > 1
-    from ddtd.pipeline import plan
+    from ddtd.planning import plan
 
-    moments = calibrate(net, x, show_progress=False).moments
+    moments = calibrate(net, x, CalibrationConfig(show_progress=False)).moments
     for budget, with_lrs in (("both", False), ("params", True), ("flops", False)):
-        plans, _, _ = plan(net, moments, input_shape=(3, 8, 8), ratio=2.5, budget=budget)
-        cands = [p.candidates for p in plans if p.method is not None]
+        p_ = plan(net, moments, config_from_options(ratio=2.5, budget=budget), input_shape=(3, 8, 8))
+        cands = [p.candidates for p in p_.active]
         assert cands and all(("lrs" in c) == with_lrs for c in cands), (budget, cands)

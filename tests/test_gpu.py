@@ -26,6 +26,9 @@ import os
 
 import pytest
 import torch
+
+from ddtd.config import CalibrationConfig, config_from_options
+from ddtd.selection import layer_filter
 from torch import nn
 
 from conftest import tiny_net, write_images
@@ -36,10 +39,10 @@ from ddtd import solvers as S
 from ddtd.calibration.moments import conv_geometry, conv_input_moments, conv_moment_blocks
 from ddtd.cli import main
 from ddtd.data import ImageTransform
-from ddtd.methods import METHODS, MethodConfig
+from ddtd.methods import METHODS
 from ddtd.model_io import load_model
 from ddtd.pipeline import prepare, stored_units
-from ddtd.solvers.synthetic import activation_images, activation_sigma, structured_kernel
+from synthetic import activation_images, activation_sigma, structured_kernel
 
 DEVICE = torch.device(os.environ.get("DDTD_TEST_DEVICE", "cuda"))
 REQUIRE_GPU = os.environ.get("DDTD_REQUIRE_GPU") == "1"
@@ -190,10 +193,8 @@ def test_calibration_on_the_device_equals_the_cpu(tmp_path, net):
     imgs = tmp_path / "imgs"
     write_images(imgs, 24, size=(20, 20))
     tf = ImageTransform(size=16)
-    ref = ddtd.calibrate(copy.deepcopy(model), imgs, transform=tf, device="cpu", batch_size=8,
-                         show_progress=False)
-    got = ddtd.calibrate(copy.deepcopy(model), imgs, transform=tf, device=DEVICE, batch_size=8,
-                         show_progress=False)
+    ref = ddtd.calibrate(copy.deepcopy(model), imgs, CalibrationConfig(transform=tf, batch_size=8, show_progress=False), device="cpu")
+    got = ddtd.calibrate(copy.deepcopy(model), imgs, CalibrationConfig(transform=tf, batch_size=8, show_progress=False), device=DEVICE)
     assert set(got.moments) == set(ref.moments) == {n for n, m in model.named_modules()
                                                     if isinstance(m, (nn.Conv2d, nn.Linear))}
     assert got.info.num_images == ref.info.num_images == 24
@@ -341,9 +342,9 @@ def test_whole_compress_on_the_device_matches_the_cpu(net, data, method):
     """``ddtd.compress(ratio=2, device=DEVICE)``: the caller's model stays where it was, the
     compressed model lives and runs on the device, its plan and report are the CPU run's, and
     its outputs are the CPU-compressed model's within OUTPUT_RTOL."""
-    kw = dict(ratio=2, method=method, config=MethodConfig(max_iter=10), show_progress=False)
-    ref = ddtd.compress(net, data, **kw)
-    got = ddtd.compress(net, data, device=DEVICE, **kw)
+    kw = dict(ratio=2, method=method, max_iter=10, show_progress=False)
+    ref = ddtd.compress(net, data, config_from_options(**kw))
+    got = ddtd.compress(net, data, config_from_options(device=DEVICE, **kw))
     assert all(p.device.type == "cpu" for p in net.parameters())  # the original is not moved
     model = got.model
     assert all(_on_device(t) for t in list(model.parameters()) + list(model.buffers()))
@@ -381,7 +382,7 @@ def test_whole_compress_on_the_device_matches_the_cpu(net, data, method):
 
 def test_compress_accepts_device_inputs(net, data):
     """Calibration data already on the device is fine too."""
-    res = ddtd.compress(net, data.to(DEVICE), ratio=2, method="svd", device=DEVICE, show_progress=False)
+    res = ddtd.compress(net, data.to(DEVICE), config_from_options(ratio=2, method="svd", device=DEVICE, show_progress=False))
     with torch.no_grad():
         assert _on_device(res.model(data[:4].to(DEVICE)))
 

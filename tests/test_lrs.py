@@ -13,7 +13,7 @@ from ddtd.layers.sparse import LowRankSparse
 from ddtd.solvers import lrs as _lrs
 from ddtd.solvers.lrs import INDEX_UNITS, solve_rows, storage_units
 from ddtd.solvers.svd import sigma_svd
-from ddtd.solvers.synthetic import activation_patches, structured_kernel
+from synthetic import activation_patches, structured_kernel
 
 F64 = torch.float64
 

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from ddtd.config import CalibrationConfig
+
 from conftest import tiny_net
 from ddtd.calibration import calibrate
 from ddtd.errors import InputError
@@ -48,7 +50,7 @@ def test_torchscript_loads_but_is_not_calibrated(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
     with pytest.raises(InputError, match="TorchScript model cannot be calibrated"):
-        calibrate(loaded, x, show_progress=False)
+        calibrate(loaded, x, CalibrationConfig(show_progress=False))
 
 
 def test_pickled_module_is_never_unpickled(tmp_path):

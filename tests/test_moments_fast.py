@@ -7,6 +7,8 @@ import itertools
 
 import pytest
 import torch
+
+from ddtd.config import CalibrationConfig
 import torch.nn.functional as F
 from torch import nn
 
@@ -212,7 +214,7 @@ def test_identity_through_fast_path(tmp_path, monkeypatch):
     conv = nn.Conv2d(64, 16, 3, padding=1)
     x = torch.relu(torch.randn(5, 64, 20, 20) + 0.3)
     model = nn.Sequential(conv)
-    lm = calibrate(model, x, batch_size=3, show_progress=False).moments["0"]
+    lm = calibrate(model, x, CalibrationConfig(batch_size=3, show_progress=False)).moments["0"]
     assert calls
     w = conv.weight.detach()
     dw = torch.randn_like(w) * w.abs().mean()

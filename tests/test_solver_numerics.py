@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from ddtd.solvers import cp_als, lowrank_sparse, sigma_svd, stable_cp, tucker2
-from ddtd.solvers.synthetic import activation_patches
+from synthetic import activation_patches
 
 F64 = torch.float64
 F32 = torch.float32
@@ -177,14 +177,13 @@ def test_tucker2_float32_keeps_its_best_iterate():
 
 
 def test_one_damping_rule():
-    from ddtd.methods import MethodConfig
+    from ddtd.methods import METHODS
     from ddtd.solvers import DAMPING, default_damping
     from ddtd.solvers import lrs as L
 
-    cfg = MethodConfig()
-    assert default_damping("svd") == 0.0 == cfg.damping_for("svd")
+    assert default_damping("svd") == 0.0 == METHODS["svd"].config().damping_for()
     for m in ("tucker2", "cp3", "cp4", "cp3-stable", "lrs", "sparse"):
-        assert default_damping(m) == DAMPING == cfg.damping_for(m)
+        assert default_damping(m) == DAMPING == METHODS[m].config().damping_for()
     for fn, method in ((sigma_svd, "svd"), (tucker2, "tucker2"), (cp_als, "cp3"),
                        (stable_cp, "cp3-stable"), (lowrank_sparse, "lrs"),
                        (L.sigma_prune, "sparse")):
@@ -241,7 +240,7 @@ def test_undamped_growth_is_reported_and_warned():
 
 
 def test_report_shows_norm_ratio_and_flags_growth():
-    from ddtd.pipeline import LayerReport, Report
+    from ddtd.report import LayerReport, Report
     from ddtd.report import format_report
 
     rep = Report(layers=[

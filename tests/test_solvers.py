@@ -11,7 +11,7 @@ import torch
 from ddtd.errors import NumericalError
 from ddtd.solvers import (SOLVERS, cp_als, param_count, rank_for_budget, rank_for_ratio,
                           sigma_svd, sigma_svd_cross, tucker2)
-from ddtd.solvers.synthetic import activation_patches
+from synthetic import activation_patches
 
 F64 = torch.float64
 

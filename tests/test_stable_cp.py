@@ -62,7 +62,7 @@ def planted_degenerate(T=8, S=6, k=3, R0=3, s=1e3, eps=1e-2, noise=0.05, seed=0)
     C = torch.cat([C0, c[:, None], c2[:, None]], 1)
     K = torch.einsum("tr,sr,pr->tsp", A, B, C)
     K = K + noise * K.norm() / math.sqrt(K.numel()) * randn(*K.shape, seed=seed + 9)
-    return K.reshape(T, S, k, k), CPResult("cp3", A, B, C, None, (k, k), 0.0)
+    return K.reshape(T, S, k, k), CPResult("cp3", A, B, C, None, (k, k), rel_error=0.0)
 
 
 def check_run(res, W, S, base):
@@ -267,7 +267,7 @@ def test_grouped_equals_separate():
     assert res.groups == 2 and res.A.shape == (2, T // g, R) and res.B.shape == (2, S, R)
     ss = 0.0
     for i in range(g):
-        one = CPResult("cp3", init.A[i], init.B[i], init.C[i], None, (3, 3), 0.0)
+        one = CPResult("cp3", init.A[i], init.B[i], init.C[i], None, (3, 3), rel_error=0.0)
         r = stable_cp(K[i * 4:(i + 1) * 4], Sg[i], R, init=one, max_sweeps=6, dtype=F64)
         assert torch.allclose(res.kernel()[i], r.kernel(), atol=1e-10)
         ss += r.sensitivity_after
@@ -287,7 +287,7 @@ def test_errors_name_the_layer():
     with pytest.raises(NumericalError, match="conv7"):
         stable_cp(K, Sg, 3, name="conv7")
     init = cp_als(K, None, 3, max_iter=5, dtype=F64)
-    nan_init = CPResult("cp3", init.A * float("nan"), init.B, init.C, None, (3, 3), 0.0)
+    nan_init = CPResult("cp3", init.A * float("nan"), init.B, init.C, None, (3, 3), rel_error=0.0)
     with pytest.raises(NumericalError, match="conv7"):
         stable_cp(K, None, 3, init=nan_init, name="conv7")
     with pytest.raises(InputError, match="conv7"):

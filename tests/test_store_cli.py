@@ -7,6 +7,8 @@ import shutil
 import h5py
 import pytest
 import torch
+
+from ddtd.config import CalibrationConfig
 from torch import nn
 
 import ddtd.calibration.run as run_mod
@@ -174,7 +176,7 @@ def test_interrupted_run_leaves_nothing_and_keeps_the_old_file(tmp_path, monkeyp
     imgs = tmp_path / "imgs"
     write_images(imgs, 8)
     out = tmp_path / "s.h5"
-    result = calibrate(model, imgs, num_images=8, batch_size=4, show_progress=False)
+    result = calibrate(model, imgs, CalibrationConfig(num_images=8, batch_size=4, show_progress=False))
     save_calibration(result, out)
     before = out.read_bytes()
 
@@ -188,7 +190,7 @@ def test_interrupted_run_leaves_nothing_and_keeps_the_old_file(tmp_path, monkeyp
 
     handle = model.conv3.register_forward_pre_hook(interrupt)
     with pytest.raises(KeyboardInterrupt):
-        calibrate(model, imgs, batch_size=4, show_progress=False)
+        calibrate(model, imgs, CalibrationConfig(batch_size=4, show_progress=False))
     handle.remove()
     assert all(not m._forward_pre_hooks for m in model.modules())
 
@@ -221,11 +223,11 @@ def test_nan_activations_name_the_layer(tmp_path):
         model.conv2.weight[0, 0, 0, 0] = float("nan")
     x = torch.randn(4, 3, 16, 16)
     with pytest.raises(NumericalError, match="parameter 'conv2.weight' holds 1 NaN"):
-        calibrate(model, x, show_progress=False)
+        calibrate(model, x, CalibrationConfig(show_progress=False))
     model = tiny_net()
     x[1, 0, 3, 3] = float("nan")
     with pytest.raises(NumericalError, match="layer 'conv1' received NaN or Inf"):
-        calibrate(model, x, show_progress=False)
+        calibrate(model, x, CalibrationConfig(show_progress=False))
     assert all(not m._forward_pre_hooks for m in model.modules())
 
 
@@ -265,12 +267,9 @@ def test_image_sampling_is_reproducible_and_grey_images_convert(tmp_path):
     imgs = tmp_path / "imgs"
     write_images(imgs, 12, mode="L", size=(20, 14))
     model = tiny_net(3)
-    r1 = calibrate(model, imgs, num_images=5, seed=3, batch_size=2, show_progress=False,
-                   transform=run_mod.ImageTransform(size=8, channels=3, mean=(0.5,), std=(0.25,)))
-    r2 = calibrate(model, imgs, num_images=5, seed=3, batch_size=5, show_progress=False,
-                   transform=run_mod.ImageTransform(size=8, channels=3, mean=(0.5,), std=(0.25,)))
-    r3 = calibrate(model, imgs, num_images=5, seed=4, batch_size=5, show_progress=False,
-                   transform=run_mod.ImageTransform(size=8, channels=3, mean=(0.5,), std=(0.25,)))
+    r1 = calibrate(model, imgs, CalibrationConfig(num_images=5, seed=3, batch_size=2, show_progress=False, transform=run_mod.ImageTransform(size=8, channels=3, mean=(0.5,), std=(0.25,))))
+    r2 = calibrate(model, imgs, CalibrationConfig(num_images=5, seed=3, batch_size=5, show_progress=False, transform=run_mod.ImageTransform(size=8, channels=3, mean=(0.5,), std=(0.25,))))
+    r3 = calibrate(model, imgs, CalibrationConfig(num_images=5, seed=4, batch_size=5, show_progress=False, transform=run_mod.ImageTransform(size=8, channels=3, mean=(0.5,), std=(0.25,))))
     assert r1.info.num_images == 5
     _assert_same_sums({"c": (r1.moments["conv1"].xxT, r1.moments["conv1"].x_sum, 1)},
                       {"c": (r2.moments["conv1"].xxT, r2.moments["conv1"].x_sum, 1)})
@@ -285,8 +284,8 @@ def test_dataloader_and_tensor_inputs_agree():
     model = tiny_net()
     x = torch.randn(10, 3, 16, 16)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(10)), batch_size=3)
-    a = calibrate(model, x, batch_size=4, show_progress=False)
-    b = calibrate(model, loader, show_progress=False)
+    a = calibrate(model, x, CalibrationConfig(batch_size=4, show_progress=False))
+    b = calibrate(model, loader, CalibrationConfig(show_progress=False))
     _assert_same_sums({n: (m.xxT, m.x_sum, m.count) for n, m in a.moments.items()},
                       {n: (m.xxT, m.x_sum, m.count) for n, m in b.moments.items()})
 

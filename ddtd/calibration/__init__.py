@@ -1,6 +1,6 @@
 """Calibration: hook Conv2d / Linear layers, accumulate input moments, store them in HDF5."""
 
-from .collector import DEFAULT_MAX_DIM, LayerMoments, MomentCollector, select_layers
+from .collector import DEFAULT_MAX_DIM, InputCapture, LayerHooks, LayerMoments, MomentCollector, select_layers
 from .moments import ConvGeometry, conv_geometry, conv_input_moments, linear_input_moments, unfold_patches
 from .run import CalibrationResult, calibrate, save_calibration
 from .store import CovarianceStore, StoreInfo, merge_stores, model_layers, write_store
@@ -10,6 +10,8 @@ __all__ = [
     "CalibrationResult",
     "ConvGeometry",
     "CovarianceStore",
+    "InputCapture",
+    "LayerHooks",
     "LayerMoments",
     "MomentCollector",
     "StoreInfo",

@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import InputError, NumericalError
 from .moments import ConvGeometry, assemble_blocks, conv_geometry, conv_moment_blocks, linear_input_moments
 
-__all__ = ["LayerMoments", "MomentCollector", "select_layers", "DEFAULT_MAX_DIM", "DEFAULT_COALESCE_BYTES",
+__all__ = ["LayerMoments", "LayerHooks", "MomentCollector", "InputCapture", "select_layers", "DEFAULT_MAX_DIM", "DEFAULT_COALESCE_BYTES",
            "COALESCE_LAYER_BYTES", "COALESCE_POSITIONS"]
 
 #: Inputs are coalesced across batches (see :class:`MomentCollector`) in buffers of at most this
@@ -141,7 +141,79 @@ def select_layers(model: nn.Module, patterns: str | list[str] | None = None) -> 
     return chosen
 
 
-class MomentCollector:
+class LayerHooks:
+    """Owns forward pre-hooks on named layers: registered on ``__enter__``, removed on
+    ``__exit__`` (also when the forward pass raises). Subclasses say what a hook does
+    (:meth:`_make_hook`); :class:`MomentCollector` accumulates moments, :class:`InputCapture`
+    keeps the inputs themselves."""
+
+    model: nn.Module
+    modules: dict
+    hooked: list
+    _handles: list
+
+    def _make_hook(self, name: str):
+        raise NotImplementedError
+
+    def __enter__(self):
+        for name in self.hooked:
+            self._handles.append(self.modules[name].register_forward_pre_hook(self._make_hook(name)))
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Remove every hook (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class _StopForward(Exception):
+    """Raised by :class:`InputCapture` after the last layer it captures: nothing after it is needed."""
+
+
+class InputCapture(LayerHooks):
+    """The inputs of named layers, batch by batch; the forward pass stops right after the last
+    of them has its input (the rest of the model is not run).
+
+    Example::
+
+        xs = InputCapture(model, ["layer3.0.conv1"]).run(batches, device)["layer3.0.conv1"]
+    """
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        self.model = model
+        self.modules = dict(model.named_modules())
+        self.hooked = list(names)
+        self._handles = []
+        self.inputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        self._seen: set[str] = set()
+
+    def _make_hook(self, name: str):
+        def hook(_module, inputs):
+            self.inputs[name].append(inputs[0].detach())
+            self._seen.add(name)
+            if len(self._seen) == len(self.hooked):
+                raise _StopForward
+
+        return hook
+
+    @torch.no_grad()
+    def run(self, batches, device) -> dict[str, list[torch.Tensor]]:
+        """Run every batch (moved to ``device``) up to the captured layers."""
+        with self:
+            for x in batches:
+                self._seen.clear()
+                try:
+                    self.model(x.to(device))
+                except _StopForward:
+                    pass
+        return self.inputs
+
+
+class MomentCollector(LayerHooks):
     """Owns forward pre-hooks on selected layers and accumulates their input moments.
 
     Example::
@@ -213,24 +285,12 @@ class MomentCollector:
         self.hooked = [n for n in self.names if n not in self.skipped]
 
     # -- context manager -------------------------------------------------------------------
-    def __enter__(self) -> "MomentCollector":
-        for name in self.hooked:
-            module = self.modules[name]
-            self._handles.append(module.register_forward_pre_hook(self._make_hook(name)))
-        return self
-
     def __exit__(self, exc_type, *exc) -> None:
         self.remove()
         if exc_type is None:
             self.flush()
         else:  # an interrupted pass: its partial batches are not part of the statistics
             self._pending.clear()
-
-    def remove(self) -> None:
-        """Remove every hook (idempotent)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
 
     # -- hooks -----------------------------------------------------------------------------
     def _make_hook(self, name: str):

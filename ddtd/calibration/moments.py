@@ -45,7 +45,7 @@ few images at a time (:func:`_gathered_moments`), and convs on tiny maps (at mos
 the last stages of a network on 32 px images) take Sigma from the second moment of the whole
 input (:func:`_dense_moments`). Both, and Linear layers, are large GEMMs whose summed dimension
 is contiguous, which oneDNN runs about twice as fast as torch's default CPU GEMM
-(:func:`_onednn_gemm`; measured on an AVX-512 EPYC).
+(:func:`_onednn_gemm`; benchmarks/results/calibrate.txt).
 """
 
 from __future__ import annotations

@@ -13,12 +13,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..config import CalibrationConfig
 from ..data import ImageFolder, ImageTransform
 from ..errors import InputError, StoreMismatchError
 from .collector import DEFAULT_MAX_DIM, LayerMoments, MomentCollector
 from .store import CovarianceStore, StoreInfo, model_layers, new_source_id, write_store
 
-__all__ = ["CalibrationResult", "calibrate", "first_layer_channels", "save_calibration", "warn_zero_variance",
+__all__ = ["CalibrationResult", "calibrate", "first_layer_channels", "input_batches", "default_batch_size", "image_transform", "save_calibration", "warn_zero_variance",
            "ZERO_VARIANCE"]
 
 log = logging.getLogger("ddtd")
@@ -54,8 +55,24 @@ def first_layer_channels(model: nn.Module) -> int:
     return 3
 
 
-def _batches_from(data, transform: ImageTransform | None, num_images, seed, batch_size, progress):
-    """Normalise the accepted data kinds to an iterator of input tensors, plus a description."""
+def image_transform(model: nn.Module, data, transform: ImageTransform | None) -> ImageTransform | None:
+    """The preprocessing of an image folder: ``transform``, or by default 224 px, ImageNet mean /
+    std and the model's input channels (``None`` for tensors and DataLoaders, used as they are)."""
+    if transform is None and isinstance(data, (str, os.PathLike)):
+        return ImageTransform(channels=first_layer_channels(model))
+    return transform
+
+
+def default_batch_size(data, transform: ImageTransform | None) -> int:
+    """:func:`auto_batch_size` for the inputs' side (an image folder's transform, a tensor's
+    last dim, else 224)."""
+    side = transform.size if transform is not None else (data.shape[-1] if isinstance(data, torch.Tensor) else 224)
+    return auto_batch_size(side)
+
+
+def input_batches(data, transform: ImageTransform | None, num_images, seed, batch_size, progress):
+    """Normalise the accepted data kinds to an iterator of input tensors, plus the image folder
+    (or ``None``) and a description of the source."""
     if isinstance(data, (str, os.PathLike)):
         folder = ImageFolder.scan(data)
         it = folder.batches(transform, num=num_images, seed=seed, batch_size=batch_size, progress=progress)
@@ -88,15 +105,11 @@ def _batches_from(data, transform: ImageTransform | None, num_images, seed, batc
 def calibrate(
     model: nn.Module,
     data,
+    config: CalibrationConfig | None = None,
     *,
     layers: str | list[str] | None = None,
-    transform: ImageTransform | None = None,
-    num_images: int | None = None,
-    seed: int = 0,
-    batch_size: int | None = None,
     max_dim: int = DEFAULT_MAX_DIM,
     device: str | torch.device | None = None,
-    show_progress: bool | None = None,
     check_variance: bool = True,
 ) -> CalibrationResult:
     """Run ``data`` through ``model`` and accumulate every selected layer's input moments.
@@ -105,12 +118,12 @@ def calibrate(
         model: any ``nn.Module`` (put in eval mode here; its weights are not changed).
         data: an image folder (path), a DataLoader / iterable of batches (or ``(x, y)`` pairs),
             or a tensor batch ``(N, C, H, W)`` of already preprocessed inputs.
+        config: :class:`ddtd.config.CalibrationConfig`: the image folder's ``transform``
+            (default: 224 px, ImageNet mean / std, the model's input channels), ``num_images``
+            and ``seed`` (how many inputs, sampled reproducibly), ``batch_size`` (default: 32 at
+            224 x 224, scaled with the pixel count up to 512, so small images amortise the
+            per-batch accumulation) and ``show_progress``.
         layers: globs / ``re:`` patterns selecting Conv2d / Linear layers by qualified name.
-        transform: preprocessing for an image folder (default: 224 px, ImageNet mean / std,
-            the model's input channels).
-        num_images, seed: how many images to use, sampled reproducibly.
-        batch_size: images per forward pass (default: 32 at 224 x 224, scaled with the pixel
-            count up to 512, so small images amortise the per-batch accumulation).
         max_dim: layers whose patch length exceeds it are skipped (reason recorded).
         device: where the forward pass and the accumulators live (default: the model's).
         check_variance: log a warning for layers whose inputs (almost) do not vary across the
@@ -133,15 +146,14 @@ def calibrate(
     if device is not None:
         model.to(device)
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
-    if transform is None and isinstance(data, (str, os.PathLike)):
-        transform = ImageTransform(channels=first_layer_channels(model))
-    if batch_size is None:
-        side = transform.size if transform is not None else (data.shape[-1] if isinstance(data, torch.Tensor) else 224)
-        batch_size = auto_batch_size(side)
+    config = config or CalibrationConfig()
+    num_images, seed, show_progress = config.num_images, config.seed, config.show_progress
+    transform = image_transform(model, data, config.transform)
+    batch_size = config.batch_size or default_batch_size(data, transform)
     t0 = time.time()
     bar = tqdm(total=num_images if isinstance(data, (str, os.PathLike)) else None,
                unit="img", desc="calibrating", disable=None if show_progress is None else not show_progress)
-    batches, folder, source = _batches_from(data, transform, num_images, seed, batch_size, bar.update)
+    batches, folder, source = input_batches(data, transform, num_images, seed, batch_size, bar.update)
     count = 0
     collector = MomentCollector(model, layers=layers, max_dim=max_dim)
     for name, reason in collector.skipped.items():
@@ -155,30 +167,26 @@ def calibrate(
         bar.close()
     if count == 0:
         raise InputError("no calibration inputs were given", hint="pass a non-empty image folder, DataLoader or tensor")
-    missing = [n for n in collector.hooked if n not in collector.moments]
-    skipped = dict(collector.skipped)
-    for n in missing:
-        skipped[n] = "never called in the forward pass"
-        log.warning("layer '%s' was never called in the forward pass; it is not stored", n)
     if check_variance:
         warn_zero_variance(collector.moments)
+    return _result(model, collector, folder, source, count, transform, seed, time.time() - t0)
+
+
+def _result(model: nn.Module, collector: MomentCollector, folder, source: dict, count: int, transform, seed,
+            seconds: float) -> CalibrationResult:
+    """The :class:`CalibrationResult` of a finished pass, with the store's bookkeeping."""
+    skipped = dict(collector.skipped)
+    for n in collector.hooked:
+        if n not in collector.moments:
+            skipped[n] = "never called in the forward pass"
+            log.warning("layer '%s' was never called in the forward pass; it is not stored", n)
     source["used"] = count
     source["id"] = new_source_id()
-    info = StoreInfo(
-        layers=model_layers(model),
-        num_images=count,
-        transform=transform.to_dict() if folder is not None else {"external": True},
-        seed=seed,
-        sources=[source],
-        skipped=skipped,
-    )
-    result = CalibrationResult(
-        moments=collector.moments,
-        info=info,
-        seconds=time.time() - t0,
-        unreadable=list(folder.unreadable) if folder else [],
-        non_images=folder.non_images if folder else 0,
-    )
+    info = StoreInfo(layers=model_layers(model), num_images=count, seed=seed, sources=[source], skipped=skipped,
+                     transform=transform.to_dict() if folder is not None else {"external": True})
+    result = CalibrationResult(moments=collector.moments, info=info, seconds=seconds,
+                               unreadable=list(folder.unreadable) if folder else [],
+                               non_images=folder.non_images if folder else 0)
     if result.unreadable or result.non_images:
         log.warning("skipped %d unreadable image files and %d non-image files",
                     len(result.unreadable), result.non_images)

@@ -10,7 +10,7 @@
 
 from .builders import (BUILDERS, FORMATS, build, build_cp3, build_cp4, build_dense, build_svd,
                        build_tucker2, count_macs, count_params, cp3_kernel, cp4_kernel,
-                       dense_forward, factor_shapes, factorized_weight, macs_by_layer, svd_weight,
+                       dense_forward, factor_shapes, factorized_weight, format_applies, layer_dims, macs_by_layer, svd_weight,
                        tucker2_kernel)
 from .records import (KINDS, apply_replacements, describe_fold, describe_replacement,
                       fold_records, layer_spec, replace_layer)
@@ -20,7 +20,7 @@ __all__ = [
     "BUILDERS", "FORMATS", "KINDS", "build", "build_svd", "build_tucker2", "build_cp3",
     "build_cp4", "build_dense", "factorized_weight", "svd_weight", "tucker2_kernel",
     "cp3_kernel", "cp4_kernel", "dense_forward", "factor_shapes", "count_params", "count_macs",
-    "macs_by_layer", "get_module", "set_module", "find_conv_bn_pairs", "fold_conv_bn",
+    "macs_by_layer", "layer_dims", "format_applies", "get_module", "set_module", "find_conv_bn_pairs", "fold_conv_bn",
     "fold_batchnorm", "layer_spec", "describe_replacement", "describe_fold", "fold_records",
     "replace_layer", "apply_replacements",
 ]

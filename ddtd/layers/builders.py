@@ -65,32 +65,44 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.conv import _ConvNd
 
-from ddtd.errors import InputError
+from ddtd.errors import InputError, layer_label
+from ddtd.solvers.formats import FORMATS
 
 __all__ = [
-    "FORMATS", "BUILDERS", "build", "build_svd", "build_tucker2", "build_cp3", "build_cp4",
+    "FORMATS", "BUILDERS", "build", "format_applies", "build_svd", "build_tucker2", "build_cp3", "build_cp4",
     "build_dense", "factorized_weight", "svd_weight", "tucker2_kernel", "cp3_kernel",
     "cp4_kernel", "dense_forward", "factor_shapes", "count_params", "count_macs", "macs_by_layer",
 ]
 
-FORMATS = ("svd", "tucker2", "cp3", "cp4")
 
 # --------------------------------------------------------------------------------------------
 # geometry and validation
 # --------------------------------------------------------------------------------------------
-
-def _where(name: str | None) -> str:
-    return f"layer '{name}'" if name else "layer"
 
 
 def _check_layer(layer: nn.Module, name: str | None) -> None:
     if isinstance(layer, (nn.Conv2d, nn.Linear)) and layer.weight is not None:
         return
     raise InputError(
-        f"{_where(name)}: cannot build a factorised replacement for {type(layer).__name__}",
+        f"{layer_label(name)}: cannot build a factorised replacement for {type(layer).__name__}",
         hint="only nn.Conv2d and nn.Linear layers can be replaced; leave this layer dense")
+
+
+#: Every convolution type whose multiply-adds are counted.
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def layer_dims(layer: nn.Module) -> tuple[int, int, int, int, int]:
+    """``(T, S_per_group, kh, kw, groups)`` of a layer to compress; a Linear layer is
+    ``(T, D, 1, 1, 1)``."""
+    if isinstance(layer, nn.Conv2d):
+        kh, kw = layer.kernel_size
+        return layer.out_channels, layer.in_channels // layer.groups, kh, kw, layer.groups
+    if isinstance(layer, nn.Linear):
+        return layer.out_features, layer.in_features, 1, 1, 1
+    raise InputError(f"unsupported layer type {type(layer).__name__}",
+                     hint="ddtd compresses nn.Conv2d and nn.Linear layers")
 
 
 def _shape_info(layer: nn.Module) -> tuple[int, int, int, int, int]:
@@ -122,41 +134,48 @@ def factor_shapes(kind: str, layer: nn.Module, ranks, name: str | None = None) -
     return [(Tg, r[0]), (Sg, r[0]), (kh, r[0]), (kw, r[0])]
 
 
+def format_applies(kind: str, layer: nn.Module) -> tuple[bool, str]:
+    """Can the factor format ``kind`` represent ``layer``? ``(ok, reason if not)``: tucker2 and
+    cp need a conv kernel with several input channels per group (a Linear layer has no spatial
+    modes; with one input channel per group, e.g. depthwise, the chain only adds parameters)."""
+    if kind == "svd":
+        return True, ""
+    T, S, kh, kw, g = _shape_info(layer)
+    if isinstance(layer, nn.Linear):
+        return False, f"format '{kind}' needs a conv kernel; a Linear layer has no spatial modes"
+    if S // g == 1:
+        return False, (f"format '{kind}' makes no sense for a conv with one input channel per group "
+                       f"(groups={g}, in_channels={S}, e.g. depthwise): the input-channel mode has size 1, "
+                       "so the chain only adds parameters")
+    return True, ""
+
+
 def _check_format(kind: str, layer: nn.Module, name: str | None) -> None:
     """Raise :class:`InputError` unless ``kind`` is a format that applies to ``layer``."""
     _check_layer(layer, name)
     if kind not in FORMATS:
-        raise InputError(f"{_where(name)}: unknown format {kind!r}", hint=f"use one of {FORMATS}")
-    if kind == "svd":
-        return
-    T, S, kh, kw, g = _shape_info(layer)
-    if isinstance(layer, nn.Linear):
-        raise InputError(f"{_where(name)}: format '{kind}' needs a conv kernel; a Linear layer "
-                         "has no spatial modes", hint="use method 'svd' for Linear layers")
-    if S // g == 1:
-        raise InputError(
-            f"{_where(name)}: format '{kind}' makes no sense for a conv with one input channel per "
-            f"group (groups={g}, in_channels={S}, e.g. depthwise): the input-channel mode has "
-            "size 1, so the chain only adds parameters",
-            hint="use method 'svd' for this layer or leave it dense")
+        raise InputError(f"{layer_label(name)}: unknown format {kind!r}", hint=f"use one of {FORMATS}")
+    ok, why = format_applies(kind, layer)
+    if not ok:
+        raise InputError(f"{layer_label(name)}: {why}", hint="use method 'svd' for this layer or leave it dense")
 
 
 def _ranks(kind: str, ranks, name: str | None) -> list[int]:
     if kind not in FORMATS:
-        raise InputError(f"{_where(name)}: unknown format {kind!r}", hint=f"use one of {FORMATS}")
+        raise InputError(f"{layer_label(name)}: unknown format {kind!r}", hint=f"use one of {FORMATS}")
     if isinstance(ranks, (int,)) and not isinstance(ranks, bool):
         vals = [int(ranks), int(ranks)] if kind == "tucker2" else [int(ranks)]
     elif isinstance(ranks, Sequence) and not isinstance(ranks, str):
         vals = [int(v) for v in ranks]
     else:
-        raise InputError(f"{_where(name)}: ranks {ranks!r} are not an int or a list of ints",
+        raise InputError(f"{layer_label(name)}: ranks {ranks!r} are not an int or a list of ints",
                          hint="svd/cp3/cp4 take one rank, tucker2 takes (R1, R2)")
     want = 2 if kind == "tucker2" else 1
     if len(vals) != want:
-        raise InputError(f"{_where(name)}: format '{kind}' takes {want} rank(s), got {vals}",
+        raise InputError(f"{layer_label(name)}: format '{kind}' takes {want} rank(s), got {vals}",
                          hint="svd/cp3/cp4 take one rank, tucker2 takes (R1, R2)")
     if min(vals) < 1:
-        raise InputError(f"{_where(name)}: ranks must be >= 1, got {vals}",
+        raise InputError(f"{layer_label(name)}: ranks must be >= 1, got {vals}",
                          hint="leave the layer dense instead of using rank 0")
     return vals
 
@@ -170,24 +189,24 @@ def _per_group(x, g: int, ndim: int, what: str, name: str | None) -> list[torch.
             parts = list(x.unbind(0))
         else:
             raise InputError(
-                f"{_where(name)}: factor {what} has shape {tuple(x.shape)}; expected {ndim} dims"
+                f"{layer_label(name)}: factor {what} has shape {tuple(x.shape)}; expected {ndim} dims"
                 + (f", or {ndim + 1} with a leading group dim {g}" if g > 1 else ""),
                 hint="pass the factors exactly as the solver returned them for this layer")
     elif isinstance(x, Sequence) and not isinstance(x, str):
         if len(x) != g:
-            raise InputError(f"{_where(name)}: factor {what} has {len(x)} groups, "
+            raise InputError(f"{layer_label(name)}: factor {what} has {len(x)} groups, "
                              f"the layer has {g}",
                              hint="pass one factor per group of the layer")
         parts = list(x)
     else:
-        raise InputError(f"{_where(name)}: factor {what} is a {type(x).__name__}, not a tensor",
+        raise InputError(f"{layer_label(name)}: factor {what} is a {type(x).__name__}, not a tensor",
                          hint="pass torch tensors (or a list of them, one per group)")
     for p in parts:
         if not isinstance(p, torch.Tensor) or p.dim() != ndim:
-            raise InputError(f"{_where(name)}: factor {what} of one group is not a {ndim}-D tensor",
+            raise InputError(f"{layer_label(name)}: factor {what} of one group is not a {ndim}-D tensor",
                              hint="pass the factors exactly as the solver returned them")
         if not torch.is_floating_point(p):
-            raise InputError(f"{_where(name)}: factor {what} has dtype {p.dtype}",
+            raise InputError(f"{layer_label(name)}: factor {what} has dtype {p.dtype}",
                              hint="factors must be floating point tensors")
     return parts
 
@@ -218,13 +237,13 @@ def _grouped_factors(kind: str, layer: nn.Module, factors: Sequence, names: Sequ
             if tuple(p.shape) != tuple(shape):
                 grp = f" (group {k})" if g > 1 else ""
                 raise InputError(
-                    f"{_where(name)}: factor {n}{grp} has shape {tuple(p.shape)}, expected "
+                    f"{layer_label(name)}: factor {n}{grp} has shape {tuple(p.shape)}, expected "
                     f"{tuple(shape)} for {kind} of a layer with T={T}, S={S}, kernel {kh}x{kw}, "
                     f"groups={g}",
                     hint="check that the factors belong to this layer and that every group uses "
                          "the same ranks")
             if not torch.isfinite(p).all():
-                raise InputError(f"{_where(name)}: factor {n} contains NaN or Inf",
+                raise InputError(f"{layer_label(name)}: factor {n} contains NaN or Inf",
                                  hint="re-run the solver for this layer (more damping) or leave it "
                                       "dense")
         out.append([p.detach().to(device=dev, dtype=dt) for p in parts])
@@ -237,11 +256,11 @@ def _final_bias(layer: nn.Module, bias, name: str | None) -> torch.Tensor | None
         return None if layer.bias is None else layer.bias.detach().clone()
     if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (T,):
         shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
-        raise InputError(f"{_where(name)}: bias has shape {shape}, expected ({T},)",
+        raise InputError(f"{layer_label(name)}: bias has shape {shape}, expected ({T},)",
                          hint="pass one bias value per output channel (or None to keep the "
                               "layer's bias)")
     if not torch.isfinite(bias).all():
-        raise InputError(f"{_where(name)}: bias contains NaN or Inf",
+        raise InputError(f"{layer_label(name)}: bias contains NaN or Inf",
                          hint="recompute the bias correction b + (W - W~) mu")
     return bias.detach().to(device=layer.weight.device, dtype=layer.weight.dtype)
 
@@ -406,7 +425,7 @@ def build_dense(layer: nn.Module, weight: torch.Tensor | None = None,
     w = layer.weight.detach() if weight is None else weight
     if not isinstance(w, torch.Tensor) or w.shape != layer.weight.shape:
         shape = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
-        raise InputError(f"{_where(name)}: weight has shape {shape}, expected "
+        raise InputError(f"{layer_label(name)}: weight has shape {shape}, expected "
                          f"{tuple(layer.weight.shape)}", hint="pass a weight of the layer's shape")
     w = w.detach().to(device=layer.weight.device, dtype=layer.weight.dtype)
     b = _final_bias(layer, bias, name)
@@ -426,7 +445,7 @@ def build(kind: str, layer: nn.Module, factors: Sequence, bias: torch.Tensor | N
     if kind == "dense":
         return build_dense(layer, factors[0] if factors else None, bias, name=name)
     if kind not in BUILDERS:
-        raise InputError(f"{_where(name)}: unknown method {kind!r}",
+        raise InputError(f"{layer_label(name)}: unknown method {kind!r}",
                          hint=f"use one of {('dense',) + FORMATS}")
     return BUILDERS[kind](layer, *factors, bias=bias, name=name)
 
@@ -463,7 +482,7 @@ def factorized_weight(layer: nn.Module, kind: str, *factors,
     the layer's dtype / device.  Factors are validated as by the builders."""
     names = {"svd": "AB", "tucker2": "UGV", "cp3": "ABC", "cp4": "ABCE"}.get(kind)
     if names is None:
-        raise InputError(f"{_where(name)}: unknown format {kind!r}", hint=f"use one of {FORMATS}")
+        raise InputError(f"{layer_label(name)}: unknown format {kind!r}", hint=f"use one of {FORMATS}")
     per = _grouped_factors(kind, layer, list(factors), list(names), name)
     T, S, kh, kw, g = _shape_info(layer)
     blocks = []
@@ -514,7 +533,7 @@ def _layer_macs(m: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
 
 def macs_by_layer(module: nn.Module, input_shape, *, dtype: torch.dtype | None = None,
                   device=None) -> dict[str, int]:
-    """Multiply-adds of every conv (any ``_ConvNd``, grouped and transposed included) and
+    """Multiply-adds of every conv (``Conv1d/2d/3d`` and their transposes, grouped included) and
     Linear in ``module`` for one forward pass on a zero input of ``input_shape`` (batch dim
     included).
 
@@ -531,7 +550,7 @@ def macs_by_layer(module: nn.Module, input_shape, *, dtype: torch.dtype | None =
     counts: dict[str, int] = {}
     hooks = []
     for qn, m in module.named_modules():
-        if isinstance(m, (nn.Linear, _ConvNd)):
+        if isinstance(m, (nn.Linear, *CONV_TYPES)):
             def hook(mod, args, out, qn=qn):
                 counts[qn] = counts.get(qn, 0) + _layer_macs(mod, args[0], out)
             hooks.append(m.register_forward_hook(hook))

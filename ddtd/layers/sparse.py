@@ -16,8 +16,8 @@ Forward (``forward_mode``), all exact w.r.t. the dense ``W~ = L + S``:
 
 * ``'merged'`` (default): build ``W~ = L + scatter(index, values)`` (``T*r*D`` multiply-adds for
   svd; cached outside autograd until a tensor of the module changes) and run one conv / linear
-  with the original geometry, so the latency is the dense layer's.  Measured on the 2-core CPU
-  (``benchmarks/lrs.py``): fastest at every size tried; the chain plus a densified sparse conv
+  with the original geometry, so the latency is the dense layer's: the fastest of the three
+  (``benchmarks/lrs.py``, benchmarks/results/lrs.txt); the chain plus a densified sparse conv
   runs two or three convolutions, and ``torch.sparse.mm`` at the densities a compression
   budget leaves (5-25%) is slower than the dense matmul it replaces.  The point of the format
   is storage (bytes), not speed.
@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddtd.errors import InputError
+from ddtd.errors import InputError, layer_label
 
 from .builders import build_svd, build_tucker2
 
@@ -47,9 +47,6 @@ __all__ = ["LowRankSparse", "SharedBasis", "FORWARD_MODES", "layer_from_spec"]
 
 FORWARD_MODES = ("merged", "chain", "sparse")
 
-
-def _where(name):
-    return f"layer '{name}'" if name else "layer"
 
 
 def _pair(v):
@@ -67,7 +64,7 @@ def _spec_of(layer: nn.Module, name=None) -> dict:
     if isinstance(layer, nn.Linear):
         return {"type": "Linear", "in_features": int(layer.in_features),
                 "out_features": int(layer.out_features), "bias": layer.bias is not None}
-    raise InputError(f"{_where(name)}: cannot build LowRankSparse for {type(layer).__name__}",
+    raise InputError(f"{layer_label(name)}: cannot build LowRankSparse for {type(layer).__name__}",
                      hint="only nn.Conv2d (any groups) and nn.Linear layers")
 
 
@@ -138,11 +135,11 @@ class SharedBasis(nn.Module):
         B = torch.as_tensor(B)
         r = A.shape[1] if A.dim() == 2 else -1
         if A.dim() != 2 or A.shape[0] != T or B.numel() != r * kh * kw or B.shape[0] != r:
-            raise InputError(f"{_where(name)}: shared-basis factors A {tuple(A.shape)}, B "
+            raise InputError(f"{layer_label(name)}: shared-basis factors A {tuple(A.shape)}, B "
                              f"{tuple(B.shape)} do not fit a depthwise conv with T={T}, kernel "
                              f"{kh}x{kw}", hint=f"expected A ({T}, r) and B (r, {kh * kw})")
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-            raise InputError(f"{_where(name)}: shared-basis factors contain NaN or Inf",
+            raise InputError(f"{layer_label(name)}: shared-basis factors contain NaN or Inf",
                              hint="re-run the solver for this layer")
         self.spec = dict(spec)
         self.T, self.C, self.kh, self.kw = int(T), int(C), int(kh), int(kw)
@@ -195,10 +192,10 @@ class LowRankSparse(nn.Module):
         super().__init__()
         spec = _spec_of(layer, name)
         if forward_mode not in FORWARD_MODES:
-            raise InputError(f"{_where(name)}: unknown forward_mode {forward_mode!r}",
+            raise InputError(f"{layer_label(name)}: unknown forward_mode {forward_mode!r}",
                              hint=f"use one of {FORWARD_MODES}")
         if lowrank not in ("svd", "tucker2", "none"):
-            raise InputError(f"{_where(name)}: unknown lowrank format {lowrank!r}",
+            raise InputError(f"{layer_label(name)}: unknown lowrank format {lowrank!r}",
                              hint="use 'svd', 'tucker2' or 'none'")
         self.spec = spec
         self.kind = lowrank
@@ -220,7 +217,7 @@ class LowRankSparse(nn.Module):
             self.lowrank = build_svd(plain, *factors, name=name)
         elif lowrank == "tucker2":
             if spec["type"] != "Conv2d":
-                raise InputError(f"{_where(name)}: tucker2 needs a Conv2d",
+                raise InputError(f"{layer_label(name)}: tucker2 needs a Conv2d",
                                  hint="use lowrank 'svd' for Linear layers")
             self.lowrank = build_tucker2(plain, *factors, name=name)
         else:
@@ -228,21 +225,21 @@ class LowRankSparse(nn.Module):
         idx = torch.as_tensor(indices)
         if idx.dim() == 2:
             if idx.shape[1] != 2:
-                raise InputError(f"{_where(name)}: indices have shape {tuple(idx.shape)}",
+                raise InputError(f"{layer_label(name)}: indices have shape {tuple(idx.shape)}",
                                  hint="pass (nnz, 2) (row, col) or flat (nnz,) indices")
             idx = idx[:, 0].to(torch.int64) * self.D + idx[:, 1].to(torch.int64)
         vals = torch.as_tensor(values)
         if idx.dim() != 1 or vals.shape != idx.shape:
-            raise InputError(f"{_where(name)}: {tuple(idx.shape)} indices for "
+            raise InputError(f"{layer_label(name)}: {tuple(idx.shape)} indices for "
                              f"{tuple(vals.shape)} values", hint="one index per value")
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.T * self.D):
-            raise InputError(f"{_where(name)}: sparse index outside the {self.T} x {self.D} weight",
+            raise InputError(f"{layer_label(name)}: sparse index outside the {self.T} x {self.D} weight",
                              hint="the sparse part belongs to a different layer")
         if self.T * self.D >= 2 ** 31:
-            raise InputError(f"{_where(name)}: T*D too large for int32 indices",
+            raise InputError(f"{layer_label(name)}: T*D too large for int32 indices",
                              hint="leave this layer dense")
         if not torch.isfinite(vals).all():
-            raise InputError(f"{_where(name)}: sparse values contain NaN or Inf",
+            raise InputError(f"{layer_label(name)}: sparse values contain NaN or Inf",
                              hint="re-run the solver for this layer")
         self.register_buffer("index", idx.to(device=dev, dtype=torch.int32))
         self.values = nn.Parameter(vals.detach().to(device=dev, dtype=dt).clone())
@@ -250,7 +247,7 @@ class LowRankSparse(nn.Module):
             bias = layer.bias.detach()
         if bias is not None:
             if tuple(bias.shape) != (self.T,):
-                raise InputError(f"{_where(name)}: bias has shape {tuple(bias.shape)}, expected "
+                raise InputError(f"{layer_label(name)}: bias has shape {tuple(bias.shape)}, expected "
                                  f"({self.T},)", hint="one bias value per output channel")
             self.bias = nn.Parameter(bias.detach().to(device=dev, dtype=dt).clone())
         else:
@@ -264,7 +261,7 @@ class LowRankSparse(nn.Module):
         """Build from an :class:`ddtd.solvers.lrs.LRSResult` fitted to ``layer.weight``."""
         if tuple(result.shape) != tuple(layer.weight.shape) and \
                 (result.T, result.D) != (layer.weight.shape[0], int(math.prod(layer.weight.shape[1:]))):
-            raise InputError(f"{_where(name)}: result of shape {result.shape} does not fit the "
+            raise InputError(f"{layer_label(name)}: result of shape {result.shape} does not fit the "
                              f"weight {tuple(layer.weight.shape)}", hint="fit this layer's weight")
         fac = result.factors
         if result.lowrank == "svd":
@@ -304,7 +301,7 @@ class LowRankSparse(nn.Module):
         ``load_state_dict`` restores it."""
         need = ("kind", "layer", "lowrank", "rank", "nnz", "bias")
         if not isinstance(desc, dict) or desc.get("kind") != "lrs" or any(k not in desc for k in need):
-            raise InputError(f"{_where(name)}: not a LowRankSparse description: {desc!r}",
+            raise InputError(f"{layer_label(name)}: not a LowRankSparse description: {desc!r}",
                              hint="pass the dict returned by LowRankSparse.describe()")
         spec = desc["layer"]
         layer = layer_from_spec(spec, bias=bool(desc["bias"]), dtype=dtype, device=device)

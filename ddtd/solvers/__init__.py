@@ -20,7 +20,7 @@ to ``0``.  Every result has an ``info`` dict with ``damping``, ``norm_ratio`` an
 :data:`NORM_GROWTH_WARN` into a message for the caller's log.
 """
 
-from ._common import DAMPING, NORM_GROWTH_WARN, default_damping, fit_diagnostics, norm_growth_warning
+from ._common import DAMPING, NORM_GROWTH_WARN, damp, default_damping, fit_diagnostics, norm_growth_warning
 from ._common import eigh
 from .cp import CPResult, cp3, cp4, cp_als, khatri_rao
 from .formats import FORMATS, param_count, rank_for_budget, rank_for_ratio
@@ -43,6 +43,6 @@ __all__ = [
     "param_count", "rank_for_budget", "rank_for_ratio",
     "StableCPResult", "balance", "ellipsoid_least_norm", "sensitivity", "stable_cp", "stable_cp3", "stable_cp4",
     "LRSResult", "lowrank_sparse", "magnitude_prune", "sigma_prune", "solve_rows", "split_budget",
-    "storage_units", "DAMPING", "NORM_GROWTH_WARN", "default_damping", "fit_diagnostics",
+    "storage_units", "DAMPING", "damp", "NORM_GROWTH_WARN", "default_damping", "fit_diagnostics",
     "norm_growth_warning",
 ]

@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from ddtd.errors import InputError, NumericalError
+from ddtd.errors import InputError, layer_label, NumericalError
 
 F64 = torch.float64
 
@@ -110,14 +110,11 @@ def qr(X: torch.Tensor):
         return torch.linalg.qr(X)
 
 
-def _where(name: str | None) -> str:
-    return f"layer '{name}'" if name else "layer <unnamed>"
-
 
 def check_finite(t: torch.Tensor, what: str, name: str | None) -> None:
     if not bool(torch.isfinite(t).all()):
         raise NumericalError(
-            f"{_where(name)}: {what} contains NaN or Inf",
+            f"{layer_label(name)}: {what} contains NaN or Inf",
             hint="check the checkpoint and the calibration activations of this layer "
             "(run calibration again with anomaly checks, or exclude the layer)",
         )
@@ -125,7 +122,7 @@ def check_finite(t: torch.Tensor, what: str, name: str | None) -> None:
 
 def diverged(name: str | None, solver: str, detail: str) -> NumericalError:
     return NumericalError(
-        f"{_where(name)}: {solver} diverged ({detail})",
+        f"{layer_label(name)}: {solver} diverged ({detail})",
         hint="try damping=1e-6 or a smaller rank, or solve this layer with norm 'frobenius' "
         "to check the weight itself",
     )
@@ -150,11 +147,21 @@ def as_matrix(weight: torch.Tensor) -> torch.Tensor:
 def checked_sigma(sigma: torch.Tensor, D: int, device, name: str | None) -> torch.Tensor:
     """``sigma`` validated (shape ``(D, D)``, finite) as a symmetric float64 tensor on ``device``."""
     if sigma.shape != (D, D):
-        raise InputError(f"{_where(name)}: sigma has shape {tuple(sigma.shape)}, expected ({D}, {D})",
+        raise InputError(f"{layer_label(name)}: sigma has shape {tuple(sigma.shape)}, expected ({D}, {D})",
                          hint="sigma must be the covariance of the unfolded layer input (D = S*kh*kw)")
     check_finite(sigma, "sigma", name)
     s = sigma.to(device=device, dtype=F64)
     return 0.5 * (s + s.T)
+
+
+def damp(sigma: torch.Tensor, damping: float) -> torch.Tensor:
+    """``Sigma + damping * mean(diag(Sigma)) * I``, per group for a ``(g, D, D)`` stack: the one
+    damping rule of every solver (``damping = 0`` returns ``sigma`` itself)."""
+    if not damping:
+        return sigma
+    md = torch.diagonal(sigma, dim1=-2, dim2=-1).mean(-1)
+    eye = torch.eye(sigma.shape[-1], dtype=sigma.dtype, device=sigma.device)
+    return sigma + damping * md[..., None, None] * eye
 
 
 def prepare_sigma(sigma: torch.Tensor | None, D: int, *, damping: float, eps_rel: float,
@@ -176,10 +183,9 @@ def prepare_sigma(sigma: torch.Tensor | None, D: int, *, damping: float, eps_rel
     s = checked_sigma(sigma, D, device, name)
     md = float(torch.diagonal(s).mean())
     if md <= 0:
-        raise InputError(f"{_where(name)}: sigma has zero trace (the layer never saw any input energy)",
+        raise InputError(f"{layer_label(name)}: sigma has zero trace (the layer never saw any input energy)",
                          hint="check the calibration store for this layer, or use norm 'frobenius'")
-    if damping:
-        s = s + damping * md * torch.eye(D, dtype=F64, device=device)
+    s = damp(s, damping)
     s_solve = s + eps_rel * md * torch.eye(D, dtype=F64, device=device)
     return s, s_solve
 
@@ -324,6 +330,27 @@ def partial_traces(sigma: torch.Tensor, dims: tuple[int, ...], k: int) -> tuple[
     return Sk / tr, Srest
 
 
+@dataclass(frozen=True, kw_only=True)
+class IterativeResult:
+    """What every iterative solver's result records besides its factors.
+
+    ``rel_error``: relative squared error of the returned factors (``history[-1]``);
+    ``history``: the best error so far after each iteration (non-increasing); ``raw_history``:
+    each iterate's error; ``n_iter``: iterations run; ``converged``: the relative decrease fell
+    below ``tol``; ``seconds``: wall time; ``groups``: number of groups; ``info``: ``damping``,
+    ``norm_ratio``, ``identity_error`` (:func:`fit_diagnostics`).
+    """
+
+    rel_error: float
+    history: list = field(default_factory=list)
+    raw_history: list = field(default_factory=list)
+    n_iter: int = 0
+    converged: bool = False
+    seconds: float = 0.0
+    groups: int = 1
+    info: dict = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class GroupSplit:
     groups: int
@@ -340,20 +367,20 @@ def split_groups(weight: torch.Tensor, sigma: torch.Tensor | None, groups: int |
     g = int(groups)
     T = weight.shape[0]
     if g < 1 or T % g:
-        raise InputError(f"{_where(name)}: {T} output channels cannot be split into {g} groups",
+        raise InputError(f"{layer_label(name)}: {T} output channels cannot be split into {g} groups",
                          hint="pass the layer's groups value")
     ws = list(weight.reshape(g, T // g, *weight.shape[1:]).unbind(0))
     if sigma is None:
         ss = [None] * g
     elif sigma.dim() == 3:
         if sigma.shape[0] != g:
-            raise InputError(f"{_where(name)}: sigma has {sigma.shape[0]} groups, expected {g}",
+            raise InputError(f"{layer_label(name)}: sigma has {sigma.shape[0]} groups, expected {g}",
                              hint="sigma for a grouped conv has shape (groups, D_g, D_g)")
         ss = list(sigma.unbind(0))
     elif g == 1:
         ss = [sigma]
     else:
-        raise InputError(f"{_where(name)}: groups={g} needs a sigma of shape (g, D_g, D_g), "
+        raise InputError(f"{layer_label(name)}: groups={g} needs a sigma of shape (g, D_g, D_g), "
                          f"got {tuple(sigma.shape)}", hint="pass one covariance per group")
     return GroupSplit(g, ws, ss)
 
@@ -498,7 +525,7 @@ def norm_growth_warning(info: dict, name: str | None = None,
         return None
     damping = (info or {}).get("damping")
     dm = f" (damping {damping:g})" if damping is not None else ""
-    return (f"{_where(name)}: the fitted weights have {ratio:.3g}x the Frobenius norm of the "
+    return (f"{layer_label(name)}: the fitted weights have {ratio:.3g}x the Frobenius norm of the "
             f"original{dm}, above {threshold:g}x: the fit is loose along input directions the "
             "calibration data barely excites; use the default damping "
             f"({DAMPING:g}) or larger, or more calibration images")

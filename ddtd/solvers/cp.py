@@ -51,16 +51,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ddtd.errors import InputError
+from ddtd.errors import InputError, layer_label
 
-from ._common import (BestIterate, eigh, qr, EPS_REL, F64, _where, check_finite, combine_histories,
+from ._common import (IterativeResult, BestIterate, eigh, qr, EPS_REL, F64, check_finite, combine_histories,
                       default_damping, diverged, error_from_terms, fit_diagnostics, frob_sq, pcg,
                       prepare_sigma, resolve_device_dtype, rounded, spd_solve,
                       split_groups)
 
 
 @dataclass(frozen=True)
-class CPResult:
+class CPResult(IterativeResult):
     """CP factors.
 
     Attributes:
@@ -87,14 +87,6 @@ class CPResult:
     C: torch.Tensor
     E: torch.Tensor | None
     kernel_size: tuple
-    rel_error: float
-    history: list = field(default_factory=list)
-    raw_history: list = field(default_factory=list)
-    n_iter: int = 0
-    converged: bool = False
-    seconds: float = 0.0
-    groups: int = 1
-    info: dict = field(default_factory=dict)
 
     def kernel(self) -> torch.Tensor:
         """Approximated kernel ``(T, S, kh, kw)`` (grouped: ``(g, T/g, S/g, kh, kw)``)."""
@@ -366,7 +358,7 @@ def _als_sigma(W, Sg, floor, dims, A, facs, max_iter, tol, cg_tol, cg_max_iter, 
 def _cp_one(weight, sigma, rank, layout, max_iter, tol, seed, init, damping, eps_rel, cg_tol,
             cg_max_iter, cg_energy_tol, direct_max, init_iter, dev, dt, name):
     if weight.dim() != 4:
-        raise InputError(f"{_where(name)}: CP needs a conv kernel (T, S, kh, kw), got "
+        raise InputError(f"{layer_label(name)}: CP needs a conv kernel (T, S, kh, kw), got "
                          f"{tuple(weight.shape)}", hint="use sigma_svd for Linear layers")
     if layout not in ("cp3", "cp4"):
         raise InputError(f"unknown CP layout {layout!r}", hint="use 'cp3' or 'cp4'")
@@ -374,7 +366,7 @@ def _cp_one(weight, sigma, rank, layout, max_iter, tol, seed, init, damping, eps
     D = S * kh * kw
     R = int(rank)
     if R < 1:
-        raise InputError(f"{_where(name)}: CP rank must be >= 1, got {R}", hint="choose rank >= 1")
+        raise InputError(f"{layer_label(name)}: CP rank must be >= 1, got {R}", hint="choose rank >= 1")
     dims = (S, kh * kw) if layout == "cp3" else (S, kh, kw)
     check_finite(weight, "weight", name)
     W = weight.reshape(T, D).to(device=dev, dtype=F64)
@@ -432,8 +424,8 @@ def cp_als(weight: torch.Tensor, sigma: torch.Tensor | None, rank: int, *, layou
         init: ``'auto'`` (= ``'frobenius'`` with a sigma, ``'svd'`` without), ``'svd'`` (leading
             singular vectors of the unfoldings, random columns beyond the mode size),
             ``'random'``, ``'frobenius'`` (``init_iter`` fast Frobenius ALS iterations from
-            ``'svd'``; measured on activation covariances: lower Sigma error after every
-            iteration and ~1/3 fewer CG steps than ``'svd'``), or a list of input factors
+            ``'svd'``, the default with a sigma: a better start for the Sigma iterations,
+            benchmarks/results/solvers.txt), or a list of input factors
             ``[B, C]`` / ``[B, C, E]``.
         damping: fit in ``Sigma + damping * mean(diag(Sigma)) * I`` (the objective; every
             reported error uses it).  Default ``DAMPING = 1e-3`` (:func:`ddtd.solvers.default_damping`,

@@ -1,10 +1,12 @@
-"""Low-rank + sparse ("LRS") approximation of a layer weight in the Sigma metric (seed 004).
+"""Low-rank + sparse ("LRS") approximation of a layer weight in the Sigma metric.
+
+Reference: C. Hawkins, H. Yang, M. Li, L. Lai, V. Chandra, "Low-rank+sparse tensor compression for neural networks", arXiv:2111.01697, 2021 (below: "the paper").
 
 Model.  ``W`` is the ``(T, D)`` layer matrix (conv kernel ``(T, S, kh, kw)`` flattened in unfold
 order), ``Sigma`` the ``(D, D)`` PSD input covariance (``None``: Frobenius, ``Sigma = I``).
 
-* additive (seed eq. 9):  ``W~ = L + S``
-* masking  (seed eq. 10): ``W~ = (1 - M) . L + M . S_m`` (``M`` the 0/1 support of the sparse
+* additive (the paper, eq. 9):  ``W~ = L + S``
+* masking  (the paper, eq. 10): ``W~ = (1 - M) . L + M . S_m`` (``M`` the 0/1 support of the sparse
   part; on the mask the stored value replaces ``L``).
 
 ``L`` is low-rank: ``L = A B`` (``A (T, r)``, ``B (r, D)``, Sigma-SVD) or, for a ``k x k`` conv,
@@ -21,7 +23,7 @@ the initialisation the seed pairs with it and the convention of the stored value
 (``S_m = S + L`` on the mask; :meth:`LRSResult.sparse_delta` always returns the additive ``S``,
 which is what :class:`ddtd.layers.sparse.LowRankSparse` adds to the low-rank chain).
 
-**Initialisations** (the seed's, with ``L`` fitted in the solver's metric):
+**Initialisations** (the paper's, with ``L`` fitted in the solver's metric):
 
 * ``'residual'`` (eq. 12): ``L`` = best rank-``r`` of ``W``; ``S`` = the ``nnz`` largest-magnitude
   entries of ``W - L`` (values copied).
@@ -114,9 +116,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ddtd.errors import InputError
+from ddtd.errors import InputError, layer_label
 
-from ._common import (CANCEL, EPS_REL, F64, _where, check_finite, default_damping, diverged, eigh,
+from ._common import (IterativeResult, CANCEL, EPS_REL, F64, check_finite, default_damping, diverged, eigh,
                       fit_diagnostics, prepare_sigma, qr, resolve_device_dtype, rounded, spd_solve)
 from .svd import sigma_svd
 
@@ -139,7 +141,7 @@ LOWRANKS = ("svd", "tucker2")
 # --------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class LRSResult:
+class LRSResult(IterativeResult):
     """``W~ = L + S`` (additive) or ``(1 - M).L + M.S_m`` (masking).
 
     Attributes:
@@ -174,14 +176,7 @@ class LRSResult:
     indices: torch.Tensor
     values: torch.Tensor
     mode: str
-    rel_error: float
     init_error: float
-    history: list = field(default_factory=list)
-    n_iter: int = 0
-    converged: bool = False
-    seconds: float = 0.0
-    groups: int = 1
-    info: dict = field(default_factory=dict)
 
     @property
     def shared(self) -> bool:
@@ -821,19 +816,19 @@ def _resolve_groups(weight, sigma, groups, name) -> int:
     else:
         g = int(groups)
         if g_sig is not None and g_sig != g:
-            raise InputError(f"{_where(name)}: sigma has {g_sig} groups (shape "
+            raise InputError(f"{layer_label(name)}: sigma has {g_sig} groups (shape "
                              f"{tuple(sigma.shape)}) but groups={g}",
                              hint="pass the layer's groups value, or omit it to infer it "
                                   "from sigma")
     T = int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() else 0
     if g < 1 or (T and T % g):
-        raise InputError(f"{_where(name)}: {T} output channels cannot be split into {g} groups",
+        raise InputError(f"{layer_label(name)}: {T} output channels cannot be split into {g} groups",
                          hint="pass the conv's groups value")
     if g > 1 and (not isinstance(weight, torch.Tensor) or weight.dim() != 4):
-        raise InputError(f"{_where(name)}: groups={g} needs a conv kernel (T, S/g, kh, kw)",
+        raise InputError(f"{layer_label(name)}: groups={g} needs a conv kernel (T, S/g, kh, kw)",
                          hint="pass the grouped conv's weight as it is stored in the layer")
     if g > 1 and sigma is not None and sigma.dim() != 3:
-        raise InputError(f"{_where(name)}: groups={g} needs a sigma of shape (g, D_g, D_g), got "
+        raise InputError(f"{layer_label(name)}: groups={g} needs a sigma of shape (g, D_g, D_g), got "
                          f"{tuple(sigma.shape)}", hint="pass one input covariance per group")
     return g
 
@@ -849,7 +844,7 @@ def _prepare_sigma(sigma, g, D, *, damping, eps_rel, device, name):
     if sigma.dim() == 2:
         return prepare_sigma(sigma, D, damping=damping, eps_rel=eps_rel, device=device, name=name)
     if tuple(sigma.shape) != (g, D, D):
-        raise InputError(f"{_where(name)}: sigma has shape {tuple(sigma.shape)}, expected "
+        raise InputError(f"{layer_label(name)}: sigma has shape {tuple(sigma.shape)}, expected "
                          f"({g}, {D}, {D})", hint="a grouped conv's sigma is one (D_g, D_g) "
                          "covariance of the unfolded group input per group, D_g = (S/g)*kh*kw")
     check_finite(sigma, "sigma", name)
@@ -858,7 +853,7 @@ def _prepare_sigma(sigma, g, D, *, damping, eps_rel, device, name):
     md = torch.diagonal(s, dim1=1, dim2=2).mean(1)                      # (g,)
     tot = float(md.clamp_min(0).mean())
     if tot <= 0:
-        raise InputError(f"{_where(name)}: sigma has zero trace (the layer never saw any input "
+        raise InputError(f"{layer_label(name)}: sigma has zero trace (the layer never saw any input "
                          "energy)", hint="check the calibration store for this layer, or use "
                                          "norm 'frobenius'")
     md = torch.where(md > 0, md, torch.full_like(md, tot))
@@ -870,44 +865,44 @@ def _prepare_sigma(sigma, g, D, *, damping, eps_rel, device, name):
 
 def _check_args(weight, sigma, rank, nnz, density, mode, init, lowrank, name, groups=None):
     if mode not in MODES:
-        raise InputError(f"{_where(name)}: unknown mode {mode!r}", hint=f"use one of {MODES}")
+        raise InputError(f"{layer_label(name)}: unknown mode {mode!r}", hint=f"use one of {MODES}")
     if init not in INITS:
-        raise InputError(f"{_where(name)}: unknown init {init!r}", hint=f"use one of {INITS}")
+        raise InputError(f"{layer_label(name)}: unknown init {init!r}", hint=f"use one of {INITS}")
     if lowrank not in LOWRANKS:
-        raise InputError(f"{_where(name)}: unknown lowrank format {lowrank!r}",
+        raise InputError(f"{layer_label(name)}: unknown lowrank format {lowrank!r}",
                          hint=f"use one of {LOWRANKS}")
     if not isinstance(weight, torch.Tensor) or weight.dim() not in (2, 4):
         shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
-        raise InputError(f"{_where(name)}: weight must be (T, D) or (T, S/g, kh, kw), got {shape}",
+        raise InputError(f"{layer_label(name)}: weight must be (T, D) or (T, S/g, kh, kw), got {shape}",
                          hint="pass the Linear weight or the conv kernel")
     g = _resolve_groups(weight, sigma, groups, name)
     shared = _is_shared(tuple(weight.shape), g)
     T = weight.shape[0]
     D = int(math.prod(weight.shape[1:]))
     if (nnz is None) == (density is None):
-        raise InputError(f"{_where(name)}: pass exactly one of nnz and density",
+        raise InputError(f"{layer_label(name)}: pass exactly one of nnz and density",
                          hint="e.g. nnz=1000 or density=0.1 (fraction of the T*D entries)")
     if density is not None:
         if not 0.0 <= float(density) <= 1.0:
-            raise InputError(f"{_where(name)}: density {density} is outside [0, 1]",
+            raise InputError(f"{layer_label(name)}: density {density} is outside [0, 1]",
                              hint="density is the fraction of nonzero entries of the sparse part")
         nnz = int(round(float(density) * T * D))
     nnz = int(nnz)
     if not 0 <= nnz <= T * D:
-        raise InputError(f"{_where(name)}: nnz {nnz} is outside [0, T*D = {T * D}]",
+        raise InputError(f"{layer_label(name)}: nnz {nnz} is outside [0, T*D = {T * D}]",
                          hint="choose fewer nonzeros")
     if T * D >= 2 ** 31:
-        raise InputError(f"{_where(name)}: T*D = {T * D} does not fit an int32 flat index",
+        raise InputError(f"{layer_label(name)}: T*D = {T * D} does not fit an int32 flat index",
                          hint="this layer is too large for the sparse format; leave it dense")
     if lowrank == "tucker2" and weight.dim() != 4:
-        raise InputError(f"{_where(name)}: lowrank='tucker2' needs a conv kernel (T, S, kh, kw)",
+        raise InputError(f"{layer_label(name)}: lowrank='tucker2' needs a conv kernel (T, S, kh, kw)",
                          hint="use lowrank='svd' for Linear layers")
     if isinstance(rank, int) or lowrank == "svd":
         rr = [int(rank if isinstance(rank, int) else rank[0])]
     else:
         rr = [int(x) for x in rank]
     if min(rr) < 0:
-        raise InputError(f"{_where(name)}: rank {rank} is negative", hint="use rank >= 0")
+        raise InputError(f"{layer_label(name)}: rank {rank} is negative", hint="use rank >= 0")
     Tg = T // g
     if lowrank == "svd":
         if g == 1:
@@ -917,16 +912,16 @@ def _check_args(weight, sigma, rank, nnz, density, mode, init, lowrank, name, gr
         else:
             rmax, what = min(Tg, D), f"min(T/g, D_g) = {min(Tg, D)} (per group)"
         if rr[0] > rmax:
-            raise InputError(f"{_where(name)}: rank {rr[0]} exceeds {what}",
+            raise InputError(f"{layer_label(name)}: rank {rr[0]} exceeds {what}",
                              hint="choose a smaller rank")
     if lowrank == "tucker2" and shared and max(rr) > 0:
-        raise InputError(f"{_where(name)}: lowrank='tucker2' makes no sense for a depthwise conv "
+        raise InputError(f"{layer_label(name)}: lowrank='tucker2' makes no sense for a depthwise conv "
                          "(one input channel per group)",
                          hint="use lowrank='svd' (shared basis filters across channels)")
     if lowrank == "tucker2" and min(rr) > 0:
         R1, R2 = (rr[0], rr[0]) if len(rr) == 1 else rr
         if R1 > Tg or R2 > weight.shape[1]:
-            raise InputError(f"{_where(name)}: Tucker2 ranks ({R1}, {R2}) invalid for "
+            raise InputError(f"{layer_label(name)}: Tucker2 ranks ({R1}, {R2}) invalid for "
                              f"T/g={Tg}, S/g={weight.shape[1]}",
                              hint="need R1 <= T/g and R2 <= S/g")
     kind = lowrank if max(rr) > 0 else "none"
@@ -964,7 +959,7 @@ def lowrank_sparse(weight: torch.Tensor, sigma: torch.Tensor | None, rank, nnz: 
             over the whole layer, the groups compete for them.
         mode: ``'additive'`` (``L + S``) or ``'masking'`` (``(1-M).L + M.S_m``); same fit (module
             docstring), different stored values.
-        init: ``'residual'`` (seed eq. 12), ``'masked'`` (seed eq. 13-14), ``'data'``, or
+        init: ``'residual'`` (the paper, eq. 12), ``'masked'`` (the paper, eq. 13-14), ``'data'``, or
             ``'auto'``: the full fit from each of the three, the best kept (3x the time).  The
             fit is a block descent and can stall in a local minimum: on planted low-rank +
             spikes problems only the masked start recovers the exact decomposition, while on
@@ -1010,21 +1005,17 @@ def lowrank_sparse(weight: torch.Tensor, sigma: torch.Tensor | None, rank, nnz: 
         runs = [lowrank_sparse(weight, sigma, rank, nnz, init=i, **kw) for i in INITS[:3]]
         best = min(runs, key=lambda r: r.rel_error)
         return dataclasses.replace(best, seconds=time.perf_counter() - t0)
-    dev, dt = resolve_device_dtype(weight, device, dtype)
-    check_finite(weight, "weight", name)
-    W = weight.reshape(T, D).to(device=dev, dtype=F64)
-    s_obj, s_solve = _prepare_sigma(sigma, g, D, damping=damping, eps_rel=eps_rel, device=dev,
-                                    name=name)
+    W, s_obj, s_solve, dev, dt = _matrix_and_metric(weight, sigma, (T, D, g), device, dtype, damping, eps_rel, name)
     base = _err(W, s_obj)
     if base <= 0:
-        raise InputError(f"{_where(name)}: the weight carries no energy in the Sigma metric "
+        raise InputError(f"{layer_label(name)}: the weight carries no energy in the Sigma metric "
                          "(W Sigma W^T = 0)", hint="the layer's output is constant; leave it dense")
     dsq = _row_dsq(s_obj, T, D, dev)
     lr = _LowRank(kind, rank, tuple(weight.shape), g, s_obj, s_solve, tucker_iter, basis_iter,
                   name)
 
     if row_solver not in ROW_SOLVERS:
-        raise InputError(f"{_where(name)}: unknown row_solver {row_solver!r}",
+        raise InputError(f"{layer_label(name)}: unknown row_solver {row_solver!r}",
                          hint=f"use one of {ROW_SOLVERS}")
     st = _Steps(W, s_obj, s_solve, lr, row_solver, cg_iter, dt, mode)
     zero = torch.zeros((), dtype=F64, device=dev)
@@ -1119,22 +1110,29 @@ def lowrank_sparse(weight: torch.Tensor, sigma: torch.Tensor | None, rank, nnz: 
     factors = tuple(f.to(dt) for f in fac)
     info = {"damping": float(damping) if sigma is not None else 0.0,
             **fit_diagnostics(W, L + S)}
-    return LRSResult(tuple(weight.shape), kind, factors, lr.rank, idx, vals.to(dt), mode,
-                     err / base, init_rel, hist, it, converged, time.perf_counter() - t0, g, info)
+    return LRSResult(tuple(weight.shape), kind, factors, lr.rank, idx, vals.to(dt), mode, init_rel,
+                     rel_error=err / base, history=hist, n_iter=it, converged=converged,
+                     seconds=time.perf_counter() - t0, groups=g, info=info)
 
 
 # --------------------------------------------------------------------------------------------
 # pruning baselines
 # --------------------------------------------------------------------------------------------
 
-def _prune(weight, sigma, nnz, density, score_fn, solve, name, dtype, device, groups, damping):
-    nnz, _, T, D, g = _check_args(weight, sigma, 0, nnz, density, "additive", "data", "svd",
-                                  name, groups)
+def _matrix_and_metric(weight, sigma, dims, device, dtype, damping, eps_rel, name):
+    """``(W (T, D) float64, Sigma objective, Sigma to solve with, device, dtype)`` of a layer."""
+    T, D, g = dims
     dev, dt = resolve_device_dtype(weight, device, dtype)
     check_finite(weight, "weight", name)
     W = weight.reshape(T, D).to(device=dev, dtype=F64)
-    s_obj, s_solve = _prepare_sigma(sigma, g, D, damping=damping, eps_rel=EPS_REL, device=dev,
-                                    name=name)
+    s_obj, s_solve = _prepare_sigma(sigma, g, D, damping=damping, eps_rel=eps_rel, device=dev, name=name)
+    return W, s_obj, s_solve, dev, dt
+
+
+def _prune(weight, sigma, nnz, density, score_fn, solve, name, dtype, device, groups, damping):
+    nnz, _, T, D, g = _check_args(weight, sigma, 0, nnz, density, "additive", "data", "svd",
+                                  name, groups)
+    W, s_obj, s_solve, dev, dt = _matrix_and_metric(weight, sigma, (T, D, g), device, dtype, damping, EPS_REL, name)
     base = _err(W, s_obj)
     dsq = _row_dsq(s_obj, T, D, dev)
     M = _topk_mask(score_fn(W, dsq), nnz)
@@ -1143,8 +1141,8 @@ def _prune(weight, sigma, nnz, density, score_fn, solve, name, dtype, device, gr
     rel = _err(W - S, s_obj) / base if base > 0 else 0.0
     idx, vals = _pack(S, M)
     info = {"damping": float(damping) if sigma is not None else 0.0, **fit_diagnostics(W, S)}
-    return LRSResult(tuple(weight.shape), "none", (), (0,), idx, vals.to(dt), "additive",
-                     rel, rel, [rel], 0, True, 0.0, g, info)
+    return LRSResult(tuple(weight.shape), "none", (), (0,), idx, vals.to(dt), "additive", rel,
+                     rel_error=rel, history=[rel], n_iter=0, converged=True, groups=g, info=info)
 
 
 def magnitude_prune(weight: torch.Tensor, sigma: torch.Tensor | None, nnz: int | None = None, *,
@@ -1206,7 +1204,7 @@ def split_budget(weight: torch.Tensor, sigma: torch.Tensor | None, budget: int, 
         ``[(fraction, rank, nnz, rel_error), ...]`` for every split tried.
     """
     if not isinstance(weight, torch.Tensor) or weight.dim() not in (2, 4):
-        raise InputError(f"{_where(name)}: weight must be (T, D) or (T, S/g, kh, kw)",
+        raise InputError(f"{layer_label(name)}: weight must be (T, D) or (T, S/g, kh, kw)",
                          hint="pass the Linear weight or the conv kernel")
     g = _resolve_groups(weight, sigma, groups, name)
     shape = tuple(weight.shape)
@@ -1215,14 +1213,14 @@ def split_budget(weight: torch.Tensor, sigma: torch.Tensor | None, budget: int, 
     shared = _is_shared(shape, g)
     budget = int(budget)
     if budget < 1 + INDEX_UNITS:
-        raise InputError(f"{_where(name)}: budget {budget} is too small for even one nonzero",
+        raise InputError(f"{layer_label(name)}: budget {budget} is too small for even one nonzero",
                          hint="give a budget of at least 2 units")
     if lowrank == "tucker2" and shared:
-        raise InputError(f"{_where(name)}: lowrank='tucker2' makes no sense for a depthwise conv "
+        raise InputError(f"{layer_label(name)}: lowrank='tucker2' makes no sense for a depthwise conv "
                          "(one input channel per group)",
                          hint="use lowrank='svd' (shared basis filters across channels)")
     if search not in ("refine", "grid"):
-        raise InputError(f"{_where(name)}: unknown search {search!r}",
+        raise InputError(f"{layer_label(name)}: unknown search {search!r}",
                          hint="use 'refine' or 'grid'")
     kwargs.setdefault("init", "data")
     fr = sorted(float(f) for f in fractions)
@@ -1249,7 +1247,7 @@ def split_budget(weight: torch.Tensor, sigma: torch.Tensor | None, budget: int, 
         ib = next(i for i, r in done.items() if r is not None and r[1] is best)
         order = [j for j in (ib - 1, ib + 1) if 0 <= j < len(fr) and j not in done]
     if best is None:
-        raise InputError(f"{_where(name)}: no split of budget {budget} is feasible",
+        raise InputError(f"{layer_label(name)}: no split of budget {budget} is feasible",
                          hint="increase the budget")
     table.sort(key=lambda row: row[0])
     return best[0], best[1], best[2], table

@@ -1,4 +1,6 @@
-"""Sensitivity-minimising CP decomposition (CPD-EPC, seed 000) in the Sigma metric.
+"""Sensitivity-minimising CP decomposition (CPD-EPC) in the Sigma metric.
+
+Reference: A.-H. Phan, K. Sobolev, K. Sozykin, D. Ermilov, J. Gusak, P. Tichavsky, V. Glukhov, I. Oseledets, A. Cichocki, "Stable low-rank tensor decomposition for compression of convolutional neural network", ECCV 2020 (below: "the paper").
 
 CP-ALS on conv kernels often drifts to degenerate solutions: a few huge rank-one terms that
 nearly cancel.  They reproduce the kernel, but amplify any perturbation of the factors (float16
@@ -10,8 +12,8 @@ Notation (as in :mod:`ddtd.solvers.cp`): modes ``n = 0..N-1`` with factors
 ``kh x R``), ``F_3 = E (kw x R, cp4)``; sizes ``I_n``; ``M`` = Khatri-Rao product of the input
 factors (``D x R``, unfold order), ``W~ = A M^T``; ``w_{n,r} = ||F_n[:, r]||^2``.
 
-**Sensitivity** (seed 000, "Solution Sensitivity"; ``ss = lim 1/sigma^2 E||T - T(F + dF)||_F^2``
-for i.i.d. ``N(0, sigma^2)`` perturbations ``dF`` of all factor entries; the seed's definition
+**Sensitivity** (the paper, "Solution Sensitivity"; ``ss = lim 1/sigma^2 E||T - T(F + dF)||_F^2``
+for i.i.d. ``N(0, sigma^2)`` perturbations ``dF`` of all factor entries; the paper's definition
 divides by ``R`` as well, its closed form -- used here -- does not)::
 
     ss = sum_n  I_n  sum_r  prod_{m != n} w_{m,r}
@@ -91,9 +93,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ddtd.errors import InputError, NumericalError
+from ddtd.errors import InputError, layer_label, NumericalError
 
-from ._common import (EPS_REL, F64, _where, check_finite, default_damping, eigh, prepare_sigma,
+from ._common import (EPS_REL, F64, check_finite, default_damping, eigh, prepare_sigma,
                       resolve_device_dtype, sigma_error, split_groups, spd_solve)
 from .cp import CPResult, cp_als, khatri_rao, with_info
 
@@ -152,7 +154,7 @@ def sensitivity(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
     Args:
         A ``(I_0, R)``, B ``(I_1, R)``, C ``(I_2, R)``, E ``(I_3, R)`` or ``None`` (CP3); with a
         leading group dim ``(g, I_n, R)`` the result is the sum over groups.
-    For CP3 this is the seed's ``K tr(A'A * B'B) + I tr(B'B * C'C) + J tr(A'A * C'C)``; ``I_n``
+    For CP3 this is the paper's ``K tr(A'A * B'B) + I tr(B'B * C'C) + J tr(A'A * C'C)``; ``I_n``
     is the size of the perturbed mode, the product runs over the other factors.  Computed in
     float64.
     """
@@ -730,7 +732,7 @@ def _stable_one(G: _Group, max_sweeps, tol, verify_every, extrapolate=True):
             else:
                 beta = max(beta * 0.5, 0.25)
         if not (math.isfinite(G.ss) and math.isfinite(G.e)):
-            raise NumericalError(f"{_where(G.name)}: stable CP diverged (non-finite at sweep {it})",
+            raise NumericalError(f"{layer_label(G.name)}: stable CP diverged (non-finite at sweep {it})",
                                  hint="check the weight and sigma, or use a smaller rank")
         ss_hist.append(G.ss)
         err_hist.append(G.e)
@@ -754,13 +756,13 @@ def _stable_one(G: _Group, max_sweeps, tol, verify_every, extrapolate=True):
 
 def _split_init(init: CPResult, g: int, layout: str, name):
     if not isinstance(init, CPResult):
-        raise InputError(f"{_where(name)}: init must be a CPResult, got {type(init).__name__}",
+        raise InputError(f"{layer_label(name)}: init must be a CPResult, got {type(init).__name__}",
                          hint="pass the result of ddtd.solvers.cp_als, or init=None")
     if init.layout != layout:
-        raise InputError(f"{_where(name)}: init has layout {init.layout!r}, expected {layout!r}",
+        raise InputError(f"{layer_label(name)}: init has layout {init.layout!r}, expected {layout!r}",
                          hint="pass layout=init.layout")
     if init.groups != g:
-        raise InputError(f"{_where(name)}: init has {init.groups} groups, the layer {g}",
+        raise InputError(f"{layer_label(name)}: init has {init.groups} groups, the layer {g}",
                          hint="fit the init with the same groups")
     facs = [init.A, init.B, init.C] + ([init.E] if layout == "cp4" else [])
     for F in facs:
@@ -816,10 +818,9 @@ def stable_cp(weight: torch.Tensor, sigma: torch.Tensor | None, rank: int, *,
             - ``"channel"`` (default): scale each output channel (row of ``A``) by its
               least-squares factor ``alpha_t = <W_t, W~_t>_Sigma / <W~_t, W~_t>_Sigma`` (see
               :func:`rescale_outputs`). Minimising ``ss`` shrinks the factors, and at a fixed
-              error that shrinks the layer's output (measured on a VGG layer at 16x: output
-              energy 0.66 of the original against 0.70 for CP-ALS, every ``alpha_t`` between
-              1.015 and 1.058); compounded over a network of such layers it cost accuracy.
-              Raises ``ss`` by a few percent.
+              error that shrinks the layer's output, which compounds over a network; the
+              per-channel scale restores it (benchmarks/results/stable_cp.txt). Raises ``ss``
+              by a few percent.
             - ``"refit"``: replace ``A`` by its unconstrained least-squares fit to the stable
               input factors, ``A = W Sigma M (M^T Sigma M)^+`` (the CP-ALS ``A`` step; see
               :func:`refit_outputs`), then :func:`balance`. The general form of the channel
@@ -849,17 +850,17 @@ def stable_cp(weight: torch.Tensor, sigma: torch.Tensor | None, rank: int, *,
     if layout not in ("cp3", "cp4"):
         raise InputError(f"unknown CP layout {layout!r}", hint="use 'cp3' or 'cp4'")
     if weight.dim() != 4:
-        raise InputError(f"{_where(name)}: stable CP needs a conv kernel (T, S, kh, kw), got "
+        raise InputError(f"{layer_label(name)}: stable CP needs a conv kernel (T, S, kh, kw), got "
                          f"{tuple(weight.shape)}", hint="use sigma_svd for Linear layers")
     if finish not in ("channel", "refit", "none"):
-        raise InputError(f"{_where(name)}: unknown finish {finish!r}",
+        raise InputError(f"{layer_label(name)}: unknown finish {finish!r}",
                          hint="use 'channel' (the default), 'refit' or 'none'")
     if rows not in ("auto", "majorize", "exact", "block"):
-        raise InputError(f"{_where(name)}: unknown rows mode {rows!r}",
+        raise InputError(f"{layer_label(name)}: unknown rows mode {rows!r}",
                          hint="use 'auto', 'majorize', 'exact' or 'block'")
     R = int(rank)
     if R < 1:
-        raise InputError(f"{_where(name)}: CP rank must be >= 1, got {R}", hint="choose rank >= 1")
+        raise InputError(f"{layer_label(name)}: CP rank must be >= 1, got {R}", hint="choose rank >= 1")
     check_finite(weight, "weight", name)
     t0 = time.perf_counter()
     gs = split_groups(weight, sigma, groups, name)
@@ -870,7 +871,7 @@ def stable_cp(weight: torch.Tensor, sigma: torch.Tensor | None, rank: int, *,
                       device=dev, dtype=dt, name=name, **opts)
     starts = _split_init(init, g, layout, name)
     if init.A.shape[-1] != R:
-        raise InputError(f"{_where(name)}: init has rank {init.A.shape[-1]}, expected {R}",
+        raise InputError(f"{layer_label(name)}: init has rank {init.A.shape[-1]}, expected {R}",
                          hint="pass rank equal to the init's rank")
     T, S, kh, kw = gs.weights[0].shape
     D = S * kh * kw
@@ -882,7 +883,7 @@ def stable_cp(weight: torch.Tensor, sigma: torch.Tensor | None, rank: int, *,
         f = [F.to(device=dev, dtype=F64) for F in st]
         shapes = [(T, R)] + [(n, R) for n in dims]
         if [tuple(F.shape) for F in f] != shapes:
-            raise InputError(f"{_where(name)}: init factors have shapes "
+            raise InputError(f"{layer_label(name)}: init factors have shapes "
                              f"{[tuple(F.shape) for F in f]}, expected {shapes}",
                              hint="fit the init on this weight with the same layout and rank")
         G = _Group(W, s_obj, dims, 0.0, direct_max, rows, exact_rows, name)
@@ -895,7 +896,7 @@ def stable_cp(weight: torch.Tensor, sigma: torch.Tensor | None, rank: int, *,
     else:
         d2 = float(delta) ** 2
         if not d2 >= e_tot * (1 - 1e-12):
-            raise InputError(f"{_where(name)}: delta^2 = {d2:.6g} is below the error of the start "
+            raise InputError(f"{layer_label(name)}: delta^2 = {d2:.6g} is below the error of the start "
                              f"({e_tot:.6g})", hint="pass a larger delta, or delta=None")
         if e_tot > 0:
             d2s = [d2 * e / e_tot for e in errs0]

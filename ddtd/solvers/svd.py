@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ddtd.errors import InputError
+from ddtd.errors import InputError, layer_label
 
-from ._common import (CANCEL, checked_sigma, default_damping, eigh, error_from_terms, fit_diagnostics, F64, _where,
+from ._common import (CANCEL, checked_sigma, damp, default_damping, eigh, error_from_terms, fit_diagnostics, F64,
                       check_finite, combine_histories, resolve_device_dtype, rounded, sigma_error,
                       split_groups)
 
@@ -67,7 +67,7 @@ class SVDResult:
 def _check_rank(rank: int, T: int, D: int, name) -> int:
     r = int(rank)
     if r < 1 or r > min(T, D):
-        raise InputError(f"{_where(name)}: rank {r} is outside [1, min(T, D) = {min(T, D)}]",
+        raise InputError(f"{layer_label(name)}: rank {r} is outside [1, min(T, D) = {min(T, D)}]",
                          hint="choose a smaller rank (see ddtd.solvers.formats for budgets)")
     return r
 
@@ -91,9 +91,7 @@ def _svd_one(W: torch.Tensor, sigma, rank: int, damping: float, dev, dtype, name
         S = None
         WS = W64
     else:
-        S = checked_sigma(sigma, D, dev, name)
-        if damping:
-            S = S + damping * float(torch.diagonal(S).mean()) * torch.eye(D, dtype=F64, device=dev)
+        S = damp(checked_sigma(sigma, D, dev, name), damping)
         WS = W64 @ S
     X = WS @ W64.T
     X = 0.5 * (X + X.T)
@@ -187,7 +185,7 @@ def sigma_svd_cross(weight: torch.Tensor, sigma_xx: torch.Tensor, sigma_xxt: tor
     mats = []
     for nm, m in (("sigma_xx", sigma_xx), ("sigma_xxt", sigma_xxt), ("sigma_xtxt", sigma_xtxt)):
         if m.shape != (D, D):
-            raise InputError(f"{_where(name)}: {nm} has shape {tuple(m.shape)}, expected ({D}, {D})",
+            raise InputError(f"{layer_label(name)}: {nm} has shape {tuple(m.shape)}, expected ({D}, {D})",
                              hint="all three moments are over the unfolded layer input")
         check_finite(m, nm, name)
         mats.append(m.to(device=dev, dtype=F64))

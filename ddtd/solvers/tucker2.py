@@ -34,16 +34,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ddtd.errors import InputError
+from ddtd.errors import InputError, layer_label
 
-from ._common import (BestIterate, eigh, qr, EPS_REL, F64, _where, check_finite, combine_histories,
+from ._common import (IterativeResult, BestIterate, eigh, qr, EPS_REL, F64, check_finite, combine_histories,
                       default_damping, diverged, error_from_terms, fit_diagnostics, frob_sq,
                       partial_traces, pcg, prepare_sigma, resolve_device_dtype, rounded,
                       spd_solve, split_groups, top_eigvecs)
 
 
 @dataclass(frozen=True)
-class Tucker2Result:
+class Tucker2Result(IterativeResult):
     """Tucker2 factors ``K~ = core x1 U x2 V``.
 
     Attributes:
@@ -67,14 +67,6 @@ class Tucker2Result:
     U: torch.Tensor
     core: torch.Tensor
     V: torch.Tensor
-    rel_error: float
-    history: list = field(default_factory=list)
-    raw_history: list = field(default_factory=list)
-    n_iter: int = 0
-    converged: bool = False
-    seconds: float = 0.0
-    groups: int = 1
-    info: dict = field(default_factory=dict)
 
     def kernel(self) -> torch.Tensor:
         """The approximated kernel ``(T, S, kh, kw)`` (grouped: ``(g, T/g, S/g, kh, kw)``)."""
@@ -231,13 +223,13 @@ def _als_sigma(W, Sg, floor, S, P, R1, R2, V, max_iter, tol, cg_tol, cg_max_iter
 def _tucker2_one(weight, sigma, ranks, max_iter, tol, seed, init, damping, eps_rel, cg_tol,
                  cg_max_iter, cg_energy_tol, dev, dt, name):
     if weight.dim() != 4:
-        raise InputError(f"{_where(name)}: Tucker2 needs a conv kernel (T, S, kh, kw), got "
+        raise InputError(f"{layer_label(name)}: Tucker2 needs a conv kernel (T, S, kh, kw), got "
                          f"{tuple(weight.shape)}", hint="use sigma_svd for Linear layers")
     T, S, kh, kw = weight.shape
     P, D = kh * kw, S * kh * kw
     R1, R2 = (int(ranks), int(ranks)) if isinstance(ranks, int) else (int(ranks[0]), int(ranks[1]))
     if not (1 <= R1 <= T and 1 <= R2 <= S):
-        raise InputError(f"{_where(name)}: Tucker2 ranks ({R1}, {R2}) invalid for T={T}, S={S}",
+        raise InputError(f"{layer_label(name)}: Tucker2 ranks ({R1}, {R2}) invalid for T={T}, S={S}",
                          hint="need 1 <= R1 <= T and 1 <= R2 <= S")
     check_finite(weight, "weight", name)
     W = weight.reshape(T, D).to(device=dev, dtype=F64)
@@ -293,8 +285,8 @@ def tucker2(weight: torch.Tensor, sigma: torch.Tensor | None, ranks, *, max_iter
             ``cg_tol`` (default 1e-6 float32, 1e-10 float64), or when a step lowers the Sigma
             error by less than ``cg_energy_tol`` times its current value (0 disables), or after
             ``cg_max_iter`` steps.  CG never increases the error.  Default: 5 warm-started steps
-            per V update (measured on an activation covariance, (256,256,3,3) at (64, 64), 25
-            iterations: the same final error as 50 steps to 4 digits, 26% less time).
+            per V update (the final error of many more steps at less time;
+            benchmarks/results/solvers.txt).
         groups: number of groups (inferred from a 3-D sigma).
         device, dtype: compute device; dtype of the returned factors and of the CG products of
             the V step (float32 default).  ``Sigma Q``, the small solves and every reported error
