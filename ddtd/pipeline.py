@@ -34,9 +34,10 @@ from .config import CalibrationConfig, CompressConfig, Size, config_from_options
 from .errors import InputError
 from .fidelity import Fidelity, HeldOut, SvdProbe, search_ratio
 from .fitting import LayerData, LayerFit, solve
-from .layers import fold_batchnorm, fold_records, get_module, macs_by_layer, replace_layer
+from .layers import (describe_split, fold_batchnorm, fold_records, get_module, macs_by_layer, replace_layer,
+                     split_attention)
 from .methods import AutoConfig, CPConfig, SvdConfig, get_method, method_configs, stable_version
-from .planning import LayerPlan, Plan, is_depthwise, layer_macs, plan, prunes_depthwise, ranks_for_format, \
+from .planning import LayerPlan, Plan, is_depthwise, kept_attention, layer_macs, plan, prunes_depthwise, ranks_for_format, \
     svd_ranks_at_size
 from .report import CompressResult, LayerReport, Report
 from .selection import compressible_layers, layer_filter
@@ -60,13 +61,16 @@ TARGET_BACKOFF = 0.8
 
 
 def prepare(model: nn.Module) -> tuple[nn.Module, list[dict]]:
-    """A copy of ``model`` in eval mode with BatchNorm folded into the preceding convs.
+    """A copy of ``model`` in eval mode with BatchNorm folded into the preceding convs and every
+    ``nn.MultiheadAttention`` rewritten with ``nn.Linear`` projections
+    (:func:`ddtd.layers.split_attention`; the outputs are unchanged).
 
-    Returns the copy and the fold records (for the saved file). The original is not touched.
+    Returns the copy and the records of both (for the saved file). The original is not touched.
     """
     work = copy.deepcopy(model).eval()
     work, folded = fold_batchnorm(work, inplace=True)
-    return work, fold_records(folded)
+    split, _ = split_attention(work)
+    return work, fold_records(folded) + [describe_split(n) for n in split]
 
 
 def assemble(model: nn.Module, fits: dict[str, LayerFit]) -> list[dict]:
@@ -163,8 +167,8 @@ def _moments(model: nn.Module, work: nn.Module, inputs: _Inputs, config: Compres
         st = store if isinstance(store, CovarianceStore) else CovarianceStore(store)
         st.check_model(model)
         return st
-    modules = dict(work.named_modules())
-    needed = [n for n in compressible_layers(work) if filter_fn(n, modules[n])
+    modules, kept = dict(work.named_modules()), kept_attention(work)
+    needed = [n for n in compressible_layers(work) if filter_fn(n, modules[n]) and n not in kept
               and not (is_depthwise(modules[n]) and not prunes_depthwise(config))]
     if not needed:
         raise InputError("no layer to compress: the filter leaves out every Conv2d / Linear layer",

@@ -19,13 +19,14 @@ from .calibration.run import ZERO_VARIANCE
 from .config import CompressConfig
 from .errors import InputError
 from .layers import get_module, layer_dims, macs_by_layer
+from .layers.attention import can_split
 from .methods import AutoConfig, applicable, get_method
 from .ranks import (ErrorBudget, LayerShape, Ratio, allocate, evbmf_rank, format_macs, format_params,
                     resolve_rank, whitened_spectrum)
 from .selection import compressible_layers, layer_filter, why_excluded
 from .solvers.formats import rank_for_budget
 
-__all__ = ["LayerPlan", "Plan", "plan", "layer_shape", "layer_macs", "ranks_for_format", "svd_ranks_at_size",
+__all__ = ["LayerPlan", "Plan", "plan", "kept_attention", "layer_shape", "layer_macs", "ranks_for_format", "svd_ranks_at_size",
            "is_depthwise", "DEPTHWISE_REASON", "UNREACHED_WEIGHT", "AUTO_LRS_MAX_WEIGHTS"]
 
 
@@ -105,7 +106,21 @@ def _candidates(config: CompressConfig, layer: nn.Module) -> tuple[tuple[str, ..
     return cands, ("" if cands else applicable(names[0], layer)[1])
 
 
-def _layer_plan(name: str, layer: nn.Module, config: CompressConfig, filter_fn, moments) -> LayerPlan:
+def kept_attention(model: nn.Module) -> dict[str, str]:
+    """Linear layers inside an ``nn.MultiheadAttention`` that was not rewritten (its forward
+    reads their weights directly, so they stay as they are), with the reason."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            why = can_split(m)[1] or "MultiheadAttention not rewritten"
+            out.update({f"{name}.{c}" if name else c: why for c, sub in m.named_modules()
+                        if isinstance(sub, nn.Linear)})
+    return out
+
+
+def _layer_plan(name: str, layer: nn.Module, config: CompressConfig, filter_fn, moments, kept) -> LayerPlan:
+    if name in kept:
+        return LayerPlan(name, None, reason=kept[name])
     if not filter_fn(name, layer):
         return LayerPlan(name, None, reason=why_excluded(filter_fn, name))
     if is_depthwise(layer) and not prunes_depthwise(config):
@@ -194,9 +209,10 @@ def plan(model: nn.Module, moments, config: CompressConfig, *, input_shape: tupl
     filter_fn = filter_fn or layer_filter(model)
     macs = macs_by_layer(model, (1, *input_shape))
     result = Plan([], {}, macs)
+    kept = kept_attention(model)
     for name in compressible_layers(model):
         layer = get_module(model, name)
-        p = _layer_plan(name, layer, config, filter_fn, moments)
+        p = _layer_plan(name, layer, config, filter_fn, moments, kept)
         result.layers.append(p)
         if p.method is not None:
             result.shapes[name] = layer_shape(layer, macs.get(name, layer.weight.numel()))

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from PIL import Image
 
 
@@ -54,3 +55,26 @@ class TinyNet(torch.nn.Module):
 
 def tiny_net(channels: int = 3, classes: int = 5):
     return TinyNet(channels, classes)
+
+
+class TinyEncoder(nn.Module):
+    """A small pure-PyTorch transformer classifier on float sequences ``(B, L, 8)``: an input
+    projection, two ``nn.TransformerEncoderLayer`` blocks (``nn.MultiheadAttention`` inside) and
+    a linear head on the mean token."""
+
+    def __init__(self, d_in: int = 8, width: int = 32, heads: int = 4, classes: int = 5, batch_first: bool = True):
+        super().__init__()
+        self.inp = nn.Linear(d_in, width)
+        layer = nn.TransformerEncoderLayer(width, heads, 2 * width, batch_first=batch_first, dropout=0.0)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(width, classes)
+        self.batch_first = batch_first
+
+    def forward(self, x):
+        h = self.enc(self.inp(x))
+        return self.head(h.mean(1 if self.batch_first else 0))
+
+
+def tiny_encoder(**kw):
+    torch.manual_seed(0)
+    return TinyEncoder(**kw).eval()

@@ -4,6 +4,8 @@
   ``nn.Linear`` (svd, tucker2, cp3, cp4, dense), dense weights from factors, parameter and
   multiply-add counts.
 * :mod:`ddtd.layers.surgery`: get / set sub-modules by qualified name, BatchNorm folding.
+* :mod:`ddtd.layers.attention`: ``nn.MultiheadAttention`` rewritten with ``nn.Linear``
+  projections, so they can be calibrated and compressed like any Linear layer.
 * :mod:`ddtd.layers.records`: plain-data records of replacements, replayed on a fresh
   architecture so that a state dict loaded with ``weights_only=True`` restores the model.
 """
@@ -12,7 +14,8 @@ from .builders import (BUILDERS, FORMATS, build, build_cp3, build_cp4, build_den
                        build_tucker2, count_macs, count_params, cp3_kernel, cp4_kernel,
                        dense_forward, factor_shapes, factorized_weight, format_applies, layer_dims, macs_by_layer, svd_weight,
                        tucker2_kernel)
-from .records import (KINDS, apply_replacements, describe_fold, describe_replacement,
+from .attention import ProjectedAttention, split_attention
+from .records import (KINDS, apply_replacements, describe_fold, describe_replacement, describe_split,
                       fold_records, layer_spec, replace_layer)
 from .surgery import find_conv_bn_pairs, fold_batchnorm, fold_conv_bn, get_module, set_module
 
@@ -22,5 +25,5 @@ __all__ = [
     "cp3_kernel", "cp4_kernel", "dense_forward", "factor_shapes", "count_params", "count_macs",
     "macs_by_layer", "layer_dims", "format_applies", "get_module", "set_module", "find_conv_bn_pairs", "fold_conv_bn",
     "fold_batchnorm", "layer_spec", "describe_replacement", "describe_fold", "fold_records",
-    "replace_layer", "apply_replacements",
+    "replace_layer", "apply_replacements", "describe_split", "ProjectedAttention", "split_attention",
 ]

@@ -12,6 +12,8 @@ A record is a dict of str / int / bool / list / None only:
 * low-rank + sparse: ``{"kind": "lrs", "name", "layer", "ranks": [], "bias", "desc":
   LowRankSparse.describe()}`` (rebuilt with :meth:`LowRankSparse.from_description`).
 * BatchNorm fold: ``{"kind": "fold_bn", "conv": conv name, "bn": bn name}``.
+* attention split: ``{"kind": "split_attention", "name": name}``: the ``nn.MultiheadAttention``
+  there becomes a :class:`ddtd.layers.attention.ProjectedAttention`.
 
 :func:`apply_replacements` replays the records in order on a freshly built architecture: it
 builds every chain with the same builder as the compression did, from zero placeholder factors,
@@ -32,7 +34,7 @@ from ddtd.errors import InputError
 from .builders import FORMATS, build, factor_shapes
 from .surgery import get_module, set_module
 
-__all__ = ["KINDS", "layer_spec", "describe_replacement", "describe_fold", "fold_records",
+__all__ = ["KINDS", "layer_spec", "describe_replacement", "describe_fold", "describe_split", "fold_records",
            "replace_layer", "apply_replacements"]
 
 KINDS = ("dense",) + FORMATS + ("lrs",)
@@ -99,6 +101,11 @@ def describe_fold(conv_name: str, bn_name: str) -> dict:
     return {"kind": "fold_bn", "conv": str(conv_name), "bn": str(bn_name)}
 
 
+def describe_split(name: str) -> dict:
+    """Record of rewriting the ``nn.MultiheadAttention`` ``name`` with explicit projections."""
+    return {"kind": "split_attention", "name": name}
+
+
 def fold_records(folded: dict[str, str]) -> list[dict]:
     """Records for the ``{conv: bn}`` mapping returned by ``fold_batchnorm``."""
     return [describe_fold(c, b) for c, b in folded.items()]
@@ -140,11 +147,11 @@ def _check_record(rec, i: int) -> None:
     if not isinstance(rec, dict) or "kind" not in rec:
         raise InputError(f"record {i} is not a replacement record: {rec!r}",
                          hint="pass the list made by describe_replacement / describe_fold")
-    need = ("conv", "bn") if rec["kind"] == "fold_bn" else ("name", "layer", "ranks", "bias")
+    need = {"fold_bn": ("conv", "bn"), "split_attention": ("name",)}.get(rec["kind"], ("name", "layer", "ranks", "bias"))
     if rec["kind"] == "lrs":
         need += ("desc",)
     missing = [k for k in need if k not in rec]
-    if rec["kind"] not in KINDS + ("fold_bn",) or missing:
+    if rec["kind"] not in KINDS + ("fold_bn", "split_attention") or missing:
         raise InputError(f"record {i} ({rec.get('kind')!r}) is malformed; missing {missing}",
                          hint="the records must come from this version of ddtd; recompress")
 
@@ -162,6 +169,16 @@ def _apply_fold(model: nn.Module, rec: dict) -> None:
     if conv.bias is None:
         conv.bias = nn.Parameter(torch.zeros(conv.out_channels, dtype=conv.weight.dtype,
                                              device=conv.weight.device))
+
+
+def _apply_split(model: nn.Module, rec: dict) -> None:
+    from .attention import ProjectedAttention
+
+    mha = get_module(model, rec["name"])
+    if not isinstance(mha, nn.MultiheadAttention):
+        raise InputError(f"attention record: '{rec['name']}' is a {type(mha).__name__}, not a MultiheadAttention",
+                         hint="the records belong to a different architecture")
+    set_module(model, rec["name"], ProjectedAttention.from_mha(mha))
 
 
 def _apply_one(model: nn.Module, rec: dict) -> None:
@@ -222,6 +239,8 @@ def apply_replacements(model: nn.Module, records: Sequence[dict], *,
         _check_record(rec, i)
         if rec["kind"] == "fold_bn":
             _apply_fold(model, rec)
+        elif rec["kind"] == "split_attention":
+            _apply_split(model, rec)
         else:
             _apply_one(model, rec)
     return model
