@@ -132,6 +132,11 @@ class CalibrationConfig:
             16 or more are given; 0: none).
         input_shape: ``(C, H, W)`` of one input, needed when compressing from a store alone.
         show_progress: progress bars (default: when attached to a terminal).
+        forward: ``forward(model, batch)`` for batches the model is not called on as they are
+            (default: ``model(x)``, ``model(*batch)`` or ``model(**batch)``, see :mod:`ddtd.inputs`).
+        mask: ``mask(batch) -> (B, L)`` token mask (True for tokens, False for padding) excluded
+            from every statistic of Linear layers on ``(B, L, d)`` inputs (default: a dict
+            batch's ``attention_mask``).
     """
 
     transform: Any = None
@@ -141,8 +146,15 @@ class CalibrationConfig:
     holdout: float = 0.125
     input_shape: tuple | None = None
     show_progress: bool | None = None
+    forward: Any = None
+    mask: Any = None
 
     def __post_init__(self):
+        for k, f in (("forward", self.forward), ("mask", self.mask)):
+            if f is not None and not callable(f):
+                raise InputError(f"{k} must be a callable, got {type(f).__name__}",
+                                 hint=f"e.g. {k}=lambda model, batch: model(batch['x'])" if k == "forward"
+                                 else "e.g. mask=lambda batch: batch['attention_mask']")
         for k in ("num_images", "batch_size"):
             v = getattr(self, k)
             if v is not None:

@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .inputs import Feed, batch_size, count
 from .layers import get_module
 
 __all__ = ["Fidelity", "HeldOut", "SvdProbe", "search_ratio"]
@@ -53,35 +54,41 @@ class Fidelity:
 
 
 class HeldOut:
-    """Held-out inputs and the reference model's outputs on them (computed once)."""
+    """Held-out inputs and the reference model's outputs on them (computed once). Batches of any
+    kind (:mod:`ddtd.inputs`); with a token mask, padding positions of ``(B, L, ...)`` outputs
+    are left out of the error."""
 
-    def __init__(self, reference: nn.Module, batches: list[torch.Tensor], device):
+    def __init__(self, reference: nn.Module, batches: list, feed):
         self.batches = batches
-        self.device = device
-        self.outputs = [self._run(reference, x) for x in batches]
+        self.feed = feed if isinstance(feed, Feed) else Feed(feed)  # a Feed, or a device
+        self.outputs = [self._run(reference, b) for b in batches]
 
     @torch.no_grad()
-    def _run(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return model(x.to(self.device)).detach()
+    def _run(self, model: nn.Module, batch) -> torch.Tensor:
+        out, mask = self.feed.run(model, batch)
+        out = out.detach()
+        if mask is not None and out.dim() >= 3 and tuple(out.shape[:2]) == tuple(mask.shape):
+            out = out[mask.to(out.device)]
+        return out
 
     @property
     def images(self) -> int:
-        return sum(len(x) for x in self.batches)
+        return count(self.batches)
 
     @torch.no_grad()
     def measure(self, model: nn.Module) -> Fidelity:
-        agree = n = 0
+        agree = 0
         err2 = ref2 = 0.0
         classes = True
-        for x, ref in zip(self.batches, self.outputs):
-            out = self._run(model, x)
-            n += len(x)
+        for b, ref in zip(self.batches, self.outputs):
+            out = self._run(model, b)
             err2 += float((out.double() - ref.double()).pow(2).sum())
             ref2 += float(ref.double().pow(2).sum())
-            if out.dim() == 2 and out.shape[1] > 1:
+            if out.dim() == 2 and out.shape[1] > 1 and len(out) == batch_size(b):
                 agree += int((out.argmax(1) == ref.argmax(1)).sum())
             else:
                 classes = False
+        n = self.images
         return Fidelity(agree / n if classes and n else None, math.sqrt(err2 / ref2) if ref2 > 0 else 0.0, n)
 
 

@@ -34,6 +34,7 @@ from .config import CalibrationConfig, CompressConfig, Size, config_from_options
 from .errors import InputError
 from .fidelity import Fidelity, HeldOut, SvdProbe, search_ratio
 from .fitting import LayerData, LayerFit, solve
+from .inputs import Feed, count, example_of, first_samples, is_shape, probe_input, rebatch, split_batches, to_device
 from .layers import (describe_split, fold_batchnorm, fold_records, get_module, macs_by_layer, replace_layer,
                      split_attention)
 from .methods import AutoConfig, CPConfig, SvdConfig, get_method, method_configs, stable_version
@@ -96,7 +97,7 @@ def _macs_after(work: nn.Module, input_shape, report: Report) -> int:
     """Multiply-adds of the compressed model, measured by hooks; a low-rank + sparse layer runs
     one conv / linear with its merged weight (no hooked sub-module), so it counts as its
     original layer."""
-    measured = macs_by_layer(work, (1, *input_shape))
+    measured = macs_by_layer(work, probe_input(input_shape))
     sparse_rows = [r for r in report.layers if r.method != "dense" and get_method(r.method).kind == "lrs"]
     names = [r.name for r in sparse_rows]
     total = sum(v for k, v in measured.items() if not any(k == n or k.startswith(n + ".") for n in names))
@@ -105,44 +106,38 @@ def _macs_after(work: nn.Module, input_shape, report: Report) -> int:
 
 @dataclass
 class _Inputs:
-    """Calibration inputs in memory: those fitted on (``batches``), the held-out share for
-    fidelity (``heldout``), the batch size and one input's shape."""
+    """Calibration inputs in memory (batches of any kind, :mod:`ddtd.inputs`): those fitted on
+    (``batches``), the held-out share for fidelity (``heldout``), the batch size, one input's
+    shape or an example batch of one input (``input_shape``) and how batches reach the model."""
 
-    batches: list[torch.Tensor] | None
-    heldout: list[torch.Tensor] | None
+    batches: list | None
+    heldout: list | None
     batch_size: int
-    input_shape: tuple
+    input_shape: object
+    feed: Feed
 
 
-def _split_fidelity(batches, batch_size: int, fraction: float, seed: int):
-    """Calibration inputs split into those fitted on and a held-out share for measuring fidelity
-    (a seeded random subset, at least 4 inputs; none when fewer than 16 inputs are given)."""
-    x = torch.cat(batches)
-    if len(x) < 16:
-        return batches, None
-    n_h = max(4, int(round(len(x) * fraction)))
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed + 7919))
-    keep, hold = perm[:-n_h].sort().values, perm[-n_h:].sort().values
-    return list(x[keep].split(batch_size)), list(x[hold].split(batch_size))
-
-
-def _read_inputs(model: nn.Module, data, cal: CalibrationConfig) -> _Inputs:
-    """Read ``data`` into memory (the sequential and fidelity steps see it again)."""
+def _read_inputs(model: nn.Module, data, cal: CalibrationConfig, device) -> _Inputs:
+    """Read ``data`` into memory (the sequential and fidelity steps see it again), on the CPU;
+    with 16 inputs or more, a seeded share ``cal.holdout`` (at least 4) is held out for fidelity."""
     transform = image_transform(model, data, cal.transform)
     batch_size = cal.batch_size or (default_batch_size(data, transform) if data is not None else 64)
     batches = heldout = None
     if data is not None:
         it, _, _ = input_batches(data, transform, cal.num_images, cal.seed, batch_size, lambda n: None)
-        batches = [x.cpu() for x in it]
+        batches = [to_device(b, "cpu") for b in it]
         if not batches:
             raise InputError("no calibration inputs", hint="pass a non-empty image folder, DataLoader or tensor")
-        if cal.holdout:
-            batches, heldout = _split_fidelity(batches, batch_size, cal.holdout, cal.seed)
-    shape = cal.input_shape or (tuple(batches[0].shape[1:]) if batches else None)
+        if cal.holdout and count(batches) >= 16:
+            kept, held = split_batches(batches, cal.holdout, cal.seed + 7919)
+            batches, heldout = rebatch(kept, batch_size), rebatch(held, batch_size)
+    shape = cal.input_shape or (example_of(batches[0]) if batches else None)
     if shape is None:
         raise InputError("input_shape is needed when compressing from a store alone",
                          hint="pass CalibrationConfig(input_shape=(C, H, W)) or --size")
-    return _Inputs(batches, heldout, batch_size, tuple(shape))
+    if isinstance(shape, torch.Tensor) and shape.is_floating_point():
+        shape = tuple(shape.shape[1:])  # a float tensor input: probed with zeros of its shape, as a store is
+    return _Inputs(batches, heldout, batch_size, shape, Feed(device, cal.forward, cal.mask))
 
 
 def _check_request(model: nn.Module, data, config: CompressConfig, store) -> None:
@@ -173,8 +168,9 @@ def _moments(model: nn.Module, work: nn.Module, inputs: _Inputs, config: Compres
     if not needed:
         raise InputError("no layer to compress: the filter leaves out every Conv2d / Linear layer",
                          hint="check --layers / filter_fn (the input layer and classifier need --include-first / --include-last)")
-    cal = CalibrationConfig(batch_size=inputs.batch_size, show_progress=config.calibration.show_progress)
-    moments = calibrate(work, torch.cat(inputs.batches), cal, layers=needed, check_variance=False).moments
+    c = config.calibration
+    cal = CalibrationConfig(batch_size=inputs.batch_size, show_progress=c.show_progress, forward=c.forward, mask=c.mask)
+    moments = calibrate(work, inputs.batches, cal, layers=needed, check_variance=False).moments
     return {n: lm.to_cpu() for n, lm in moments.items()}
 
 
@@ -221,9 +217,8 @@ def _sensitivities(job: _Job) -> dict | None:
         log.info("allocation: relative layer errors (output sensitivities need calibration inputs, not only a store)")
         return None
     names = [n for n in compressible_layers(job.work) if n in job.moments]
-    sample = torch.cat(job.inputs.batches)[:SENSITIVITY_IMAGES]
-    return output_sensitivity(job.work, list(sample.split(job.inputs.batch_size)), names, device=job.device,
-                              seed=job.config.calibration.seed)
+    sample = rebatch(first_samples(job.inputs.batches, SENSITIVITY_IMAGES), job.inputs.batch_size)
+    return output_sensitivity(job.work, sample, names, feed=job.inputs.feed, seed=job.config.calibration.seed)
 
 
 class _RatioSearch:
@@ -299,7 +294,7 @@ def compress(model: nn.Module, data=None, config: CompressConfig | None = None, 
         work = work.to(config.device)  # the copy: the caller's model stays on its device
     dev = next((p.device for p in work.parameters()), torch.device("cpu"))
     filter_fn = filter_fn or layer_filter(work)
-    inputs = _read_inputs(model, data, config.calibration)
+    inputs = _read_inputs(model, data, config.calibration, dev)
     seconds = {"calibrate": time.time()}
     moments = _moments(model, work, inputs, config, store, filter_fn)
     seconds["calibrate"] = time.time() - seconds["calibrate"]
@@ -342,7 +337,7 @@ def _fit_to_request(job: _Job, seconds: dict) -> CompressResult:
     """Fit at the requested size, or search a fidelity target's ratio and fit it (stepping down
     on a miss); measure and report the held-out fidelity."""
     size = job.config.size
-    held = HeldOut(job.work, [x.to(job.device) for x in job.inputs.heldout], job.device) if job.inputs.heldout else None
+    held = HeldOut(job.work, job.inputs.heldout, job.inputs.feed) if job.inputs.heldout else None
     search = _RatioSearch(job, held) if held is not None else None
     fidelity: dict = {"holdout_images": held.images if held else 0, "from_store": not isinstance(job.moments, dict)}
     config = job.config
@@ -400,15 +395,16 @@ def _judge_fidelity(job: _Job, search: _RatioSearch, fidelity: dict, report: Rep
         log.info("held-out fidelity: %s", _fmt_fid(f))
 
 
-def _holdout_moments(work: nn.Module, batches, batch_size: int) -> dict:
+def _holdout_moments(work: nn.Module, inputs: _Inputs) -> dict:
     """Per layer ``(Sigma_fit, Sigma_held)``: centred covariances of three quarters of the
     calibration inputs and of the held-out quarter (for the low-rank / sparse split)."""
-    fit_b, held_b = seq.split_holdout(batches, batch_size)
+    fit_b, held_b = seq.split_holdout(inputs.batches, inputs.batch_size)
     if held_b is None:
         return {}
-    cal = CalibrationConfig(batch_size=batch_size, show_progress=False)
-    a = calibrate(work, torch.cat(fit_b), cal, check_variance=False).moments
-    b = calibrate(work, torch.cat(held_b), cal, check_variance=False).moments
+    cal = CalibrationConfig(batch_size=inputs.batch_size, show_progress=False, forward=inputs.feed.forward,
+                            mask=inputs.feed.mask)
+    a = calibrate(work, fit_b, cal, check_variance=False).moments
+    b = calibrate(work, held_b, cal, check_variance=False).moments
     return {n: (a[n].covariance(), b[n].covariance()) for n in a if n in b}
 
 
@@ -420,21 +416,22 @@ def _fit_model(job: _Job, config: CompressConfig) -> CompressResult:
     mode = seq.mode_for(config.sequential, job.inputs.batches is not None, config.norm)
     parts = (job.inputs.batches, None)
     if mode == "auto":
-        first = torch.cat(job.inputs.batches)[:seq.SEQUENTIAL_IMAGES]
-        parts = seq.split_holdout(list(first.split(job.inputs.batch_size)), job.inputs.batch_size)
+        first = rebatch(first_samples(job.inputs.batches, seq.SEQUENTIAL_IMAGES), job.inputs.batch_size)
+        parts = seq.split_holdout(first, job.inputs.batch_size)
     reference = copy.deepcopy(job.work) if mode != "off" else None
     params_before = sum(q.numel() for q in work.parameters())  # BN folded, nothing replaced yet
     s = config.size
     report = Report(settings=dict(method=config.method.name, norm=config.norm, ratio=s.ratio, budget=s.budget,
                                   rank=s.rank, error=s.error, strategy=s.strategy, sequential=mode,
-                                  input_shape=list(job.inputs.input_shape)))
+                                  input_shape=list(job.inputs.input_shape) if is_shape(job.inputs.input_shape)
+                                  else "example batch"))
     for name, reason in unsupported_layers(work).items():
         n = get_module(work, name).weight.numel()
         report.layers.append(LayerReport(name, type(get_module(work, name)).__name__, "dense", None, n, n,
                                          0, 0, None, None, 0.0, reason))
     configs = method_configs(config.method)
     wants_split = any("lrs" in p.candidates for p in plan_.active) and getattr(configs.get("lrs"), "sparsity", 0) is None
-    holdout = _holdout_moments(work, job.inputs.batches, job.inputs.batch_size) if (
+    holdout = _holdout_moments(work, job.inputs) if (
         config.norm == "sigma" and job.inputs.batches is not None and wants_split) else {}
     for p in plan_.layers:
         row, fit = _fit_layer(job, config, configs, p, plan_, work, reference, parts, mode, holdout.get(p.name))
@@ -468,10 +465,10 @@ def _layer_data(job: _Job, p: LayerPlan, layer, shape, models, parts, mode, hold
     decision = seq.SequentialDecision(False)
     if mode == "auto":
         r = svd_ranks_at_size(p.method, p.ranks, shape)
-        decision = seq.decide(p.name, layer, models, parts, r, job.device)
+        decision = seq.decide(p.name, layer, models, parts, r, job.inputs.feed)
     elif mode == "on":
-        xs = seq.capture(models[0], p.name, job.inputs.batches, job.device)
-        xts = seq.capture(models[1], p.name, job.inputs.batches, job.device)
+        xs = seq.capture(models[0], p.name, job.inputs.batches, job.inputs.feed)
+        xts = seq.capture(models[1], p.name, job.inputs.batches, job.inputs.feed)
         if not all(torch.equal(a, b) for a, b in zip(xs, xts)):  # else nothing changed upstream
             decision = seq.SequentialDecision(True, {}, seq.sequential_data(layer, xs, xts))
     ow = None if job.weights is None or job.config.norm != "sigma" else job.weights.get(p.name)

@@ -18,6 +18,7 @@ from torch import nn
 from .calibration.run import ZERO_VARIANCE
 from .config import CompressConfig
 from .errors import InputError
+from .inputs import probe_input
 from .layers import get_module, layer_dims, macs_by_layer
 from .layers.attention import can_split
 from .methods import AutoConfig, applicable, get_method
@@ -190,14 +191,15 @@ def _sizes(model, config: CompressConfig, plan_: Plan, spectra, weights) -> dict
                             shapes[n], spectra.get(n), name=n) for n in active}
 
 
-def plan(model: nn.Module, moments, config: CompressConfig, *, input_shape: tuple[int, ...], filter_fn=None,
+def plan(model: nn.Module, moments, config: CompressConfig, *, input_shape, filter_fn=None,
          weights: dict[str, torch.Tensor] | None = None, spectra: dict[str, torch.Tensor] | None = None) -> Plan:
     """Decide method and ranks per layer for ``config`` (its ``method``, ``norm`` and ``size``;
     a fidelity target is searched by the caller, which plans at the ratios it probes).
 
     Args:
         model: the (BN-folded) model; moments: per-layer :class:`ddtd.calibration.LayerMoments`
-            or a store; input_shape: ``(C, H, W)`` of one input (for multiply-adds).
+            or a store; input_shape: ``(C, H, W)`` of one input, or an example batch of one
+            input of the model's own kinds (:mod:`ddtd.inputs`), for the multiply-adds.
         filter_fn: ``(name, module) -> bool``, the layers to compress (default
             :func:`ddtd.selection.layer_filter`: all but the input layer and the classifier).
         weights: per-layer ``(T,)`` output-channel weights (:mod:`ddtd.sensitivity`): the global
@@ -207,7 +209,7 @@ def plan(model: nn.Module, moments, config: CompressConfig, *, input_shape: tupl
             the same weights), reused when given.
     """
     filter_fn = filter_fn or layer_filter(model)
-    macs = macs_by_layer(model, (1, *input_shape))
+    macs = macs_by_layer(model, probe_input(input_shape))
     result = Plan([], {}, macs)
     kept = kept_attention(model)
     for name in compressible_layers(model):

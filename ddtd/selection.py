@@ -1,8 +1,9 @@
 """Which layers to compress: filters ``filter_fn(name, module) -> bool``.
 
 The default (:func:`layer_filter` with no patterns) takes every ``nn.Conv2d`` / ``nn.Linear``
-except the model's input layer (few channels, little to gain, sensitive) and its final classifier
-(a low rank there costs classes). Any callable ``(name, module) -> bool`` may be passed to
+except the model's input layer (few channels, little to gain, sensitive; when the model starts
+with an embedding table, its first Linear is not the input layer) and its final classifier (a low
+rank there costs classes). Any callable ``(name, module) -> bool`` may be passed to
 :func:`ddtd.compress` instead; layers it rejects stay dense.
 """
 
@@ -24,6 +25,15 @@ def compressible_layers(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
+def _first_weighted_leaf(model: nn.Module) -> str | None:
+    """The first module (in module order) holding weights of its own: the model's input layer
+    (an ``nn.Embedding`` for a token model, whose first Linear is then an ordinary layer)."""
+    for name, m in model.named_modules():
+        if any(True for _ in m.parameters(recurse=False)) and not any(True for _ in m.children()):
+            return name
+    return None
+
+
 class LayerFilter:
     """A filter built from glob patterns (see :func:`ddtd.calibration.select_layers`) with the
     input layer and the final classifier left out unless included or named exactly. Callable as
@@ -35,7 +45,7 @@ class LayerFilter:
         self.patterns = patterns
         self.selected = set(select_layers(model, patterns)) if patterns else set(names)
         self.excluded: dict[str, str] = {}
-        if names and not include_first:
+        if names and not include_first and names[0] == _first_weighted_leaf(model):
             self.excluded[names[0]] = "input layer (few channels, little to gain, sensitive)"
         if names and not include_last and isinstance(dict(model.named_modules())[names[-1]], nn.Linear):
             self.excluded[names[-1]] = "final classifier (a low rank here costs classes)"

@@ -37,6 +37,9 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .inputs import Feed, batch_size, to_device
+from .inputs import map_tensors
+
 __all__ = ["output_sensitivity", "OUTPUT_WEIGHT_FLOOR"]
 
 #: Each channel weight is at least this share of its layer's mean weight (a channel that never
@@ -76,15 +79,17 @@ class _GradientNorms:
         return hook
 
 
-def output_sensitivity(model: nn.Module, batches: Iterable[torch.Tensor], names: Iterable[str], *,
-                       device: str | torch.device | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+def output_sensitivity(model: nn.Module, batches: Iterable, names: Iterable[str], *, feed: Feed | None = None,
+                       seed: int = 0) -> dict[str, torch.Tensor]:
     """Per-channel output weights ``d_l`` of each named layer (see the module docstring).
 
     Args:
         model: the (BN-folded) model in eval mode; its parameters are left as they are.
-        batches: input tensors ``(N, ...)``.
+        batches: input batches (:mod:`ddtd.inputs`: tensors, tuples or dicts).
         names: qualified names of the layers to weigh.
-        device: where to run (default: the model's).
+        feed: how batches reach the model (:class:`ddtd.inputs.Feed`: device, ``forward``,
+            token ``mask``; default: the model's device, called as the batch says). With a token
+            mask, padding positions of a ``(B, L, ...)`` output do not enter the loss.
         seed: seed of the sampled classes / projections.
 
     Returns:
@@ -92,35 +97,59 @@ def output_sensitivity(model: nn.Module, batches: Iterable[torch.Tensor], names:
         its mean. A layer the backward pass never reaches is left out (its output does not
         matter to the model's output).
     """
-    dev = torch.device(device) if device is not None else next(
-        (p.device for p in model.parameters()), torch.device("cpu"))
+    feed = feed or Feed(next((p.device for p in model.parameters()), torch.device("cpu")))
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    flags = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
     n = 0
     try:
+        for p in params:
+            p.requires_grad_(False)
         with _GradientNorms(model, names) as hooks, torch.enable_grad():
-            for x in batches:
-                x = x.to(dev)
-                if x.is_floating_point():
-                    x = x.detach().requires_grad_(True)
-                out = model(x)
-                if out.dim() == 2 and out.shape[1] > 1:
-                    logp = torch.log_softmax(out.double(), dim=1)
-                    y = torch.multinomial(logp.detach().exp().cpu(), 1, generator=gen).to(dev)
-                    loss = -logp.gather(1, y).sum()
-                else:
-                    v = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(dev)
-                    loss = (out.double() * v).sum()
-                loss.backward()
-                n += len(x)
+            for b in batches:
+                b = _float_inputs_require_grad(to_device(b, feed.device), params)
+                out, mask = Feed(feed.device, feed.forward, feed.mask).run(model, b)
+                _loss(out, mask, gen).backward()
+                n += batch_size(b)
     finally:
-        for p, f in zip(model.parameters(), flags):
+        for p, f in zip(params, flags):
             p.requires_grad_(f)
+            p.grad = None
     out = {}
     for name, s in hooks.sums.items():
         d = s / n
         if bool(torch.isfinite(d).all()) and float(d.mean()) > 0:
             out[name] = d.clamp_min(OUTPUT_WEIGHT_FLOOR * float(d.mean()))
     return out
+
+
+def _float_inputs_require_grad(batch, params):
+    """The batch with its float tensors requiring grad, so the backward pass reaches every layer;
+    when it has none (token ids), the parameters require grad instead (their grads are dropped)."""
+    floats = [False]
+
+    def mark(t):
+        if t.is_floating_point():
+            floats[0] = True
+            return t.detach().requires_grad_(True)
+        return t
+
+    batch = map_tensors(batch, mark)
+    if not floats[0]:
+        for p in params:
+            p.requires_grad_(True)
+    return batch
+
+
+def _loss(out: torch.Tensor, mask, gen) -> torch.Tensor:
+    """Sampled-label NLL for ``(N, K)`` class scores (the Fisher of the model's own predictions),
+    else a random projection of the output (Gauss-Newton), padding positions masked out."""
+    dev = out.device
+    if out.dim() == 2 and out.shape[1] > 1:
+        logp = torch.log_softmax(out.double(), dim=1)
+        y = torch.multinomial(logp.detach().exp().cpu(), 1, generator=gen).to(dev)
+        return -logp.gather(1, y).sum()
+    v = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(dev)
+    if mask is not None and out.dim() >= 2 and tuple(out.shape[:2]) == tuple(mask.shape):
+        v = v * mask.to(dev).reshape(*mask.shape, *([1] * (out.dim() - 2)))
+    return (out.double() * v).sum()

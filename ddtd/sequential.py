@@ -24,6 +24,8 @@ from .calibration import InputCapture
 from .calibration.moments import conv_geometry, conv_input_moments, linear_input_moments
 from .errors import InputError
 from .fitting import LayerData, solve
+from .inputs import Feed, count, rebatch, take
+from .inputs import batch_size as samples_in
 from .layers import build as build_layer
 from .methods import SvdConfig
 from .solvers import eigh
@@ -61,9 +63,10 @@ def mode_for(sequential: str, have_inputs: bool, norm: str) -> str:
     return sequential
 
 
-def capture(model: nn.Module, name: str, batches, device) -> list[torch.Tensor]:
-    """The inputs of layer ``name`` for every batch (the forward pass stops right after it)."""
-    return InputCapture(model, [name]).run(batches, device)[name]
+def capture(model: nn.Module, name: str, batches, feed: Feed) -> list[torch.Tensor]:
+    """The inputs of layer ``name`` for every batch (the forward pass stops right after it; a
+    Linear layer's ``(B, L, d)`` inputs as the rows of the positions the token mask marks)."""
+    return InputCapture(model, [name], forward=feed.forward, mask=feed.mask).run(batches, feed.device)[name]
 
 
 def cross_moments(layer: nn.Module, xs: list[torch.Tensor], xts: list[torch.Tensor], *, with_xx: bool = False):
@@ -116,12 +119,22 @@ def sequential_data(layer: nn.Module, xs, xts) -> LayerData:
 
 
 def split_holdout(batches, batch_size: int, fraction: float = 0.25):
-    """The inputs split into a fitting part and a held-out part (the last ``fraction``)."""
-    x = torch.cat(batches)
-    n_h = max(1, int(round(len(x) * fraction)))
-    if len(x) - n_h < 1:
+    """The inputs split into a fitting part and a held-out part (the last ``fraction`` of the
+    samples), each in batches of ``batch_size`` where the batches are plain tensors."""
+    n = count(batches)
+    n_h = max(1, int(round(n * fraction)))
+    if n - n_h < 1:
         return batches, None
-    return list(x[:-n_h].split(batch_size)), list(x[-n_h:].split(batch_size))
+    fit, held, seen = [], [], 0
+    for b in batches:
+        s = samples_in(b)
+        cut = min(max(n - n_h - seen, 0), s)
+        if cut:
+            fit.append(b if cut == s else take(b, slice(0, cut)))
+        if cut < s:
+            held.append(b if cut == 0 else take(b, slice(cut, s)))
+        seen += s
+    return rebatch(fit, batch_size), rebatch(held, batch_size)
 
 
 def paired_z(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -138,11 +151,11 @@ def paired_z(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @torch.no_grad()
 def decide(name: str, layer: nn.Module, models: tuple[nn.Module, nn.Module], parts: tuple, svd_ranks,
-           device) -> SequentialDecision:
+           feed: Feed) -> SequentialDecision:
     """Fit an svd probe at ``svd_ranks`` both ways on the fitting inputs ``parts[0]`` - on the
     original inputs (``models[0]``, the reference) and on those the compressed layers before it
     produce (``models[1]``) - and compare their output errors ``e_i = ||W x_i + b - W~ x~_i - b~||^2``
-    per held-out input (``parts[1]``). Sequential wins only when ``d_i = e_i(original) -
+    per held-out input (``parts[1]``; per token for a Linear layer on token sequences). Sequential wins only when ``d_i = e_i(original) -
     e_i(sequential)`` has ``z = mean(d) / (sd(d) / sqrt(n)) > SEQUENTIAL_Z``; otherwise the plain
     fit, which cannot overfit the compressed inputs. When it wins, ``data`` is the sequential
     fit's data on all those inputs."""
@@ -150,8 +163,9 @@ def decide(name: str, layer: nn.Module, models: tuple[nn.Module, nn.Module], par
     if held_b is None:
         return SequentialDecision(False)
     n_fit = len(fit_b)
-    xs = capture(models[0], name, fit_b + held_b, device)  # one pass each for both parts
-    xts = capture(models[1], name, fit_b + held_b, device)
+    xs = capture(models[0], name, fit_b + held_b, feed)  # one pass each for both parts
+    xts = capture(models[1], name, fit_b + held_b, feed)
+    device = feed.device
     if all(torch.equal(a, b) for a, b in zip(xs, xts)):
         return SequentialDecision(False)  # nothing upstream was changed: both ways are the same fit
     c_tt, c_xt, mu_x, mu_t, c_xx = cross_moments(layer, xs[:n_fit], xts[:n_fit], with_xx=True)

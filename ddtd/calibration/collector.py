@@ -170,6 +170,14 @@ class LayerHooks:
         self._handles.clear()
 
 
+def masked_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A Linear layer's input as rows ``(N, d)``: with a ``(B, L)`` token mask that matches a
+    ``(B, L, d)`` input, only the positions it marks (padding excluded); else every position."""
+    if mask is not None and x.dim() == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
+        return x[mask.to(x.device)]
+    return x.reshape(-1, x.shape[-1])
+
+
 class _StopForward(Exception):
     """Raised by :class:`InputCapture` after the last layer it captures: nothing after it is needed."""
 
@@ -183,17 +191,21 @@ class InputCapture(LayerHooks):
         xs = InputCapture(model, ["layer3.0.conv1"]).run(batches, device)["layer3.0.conv1"]
     """
 
-    def __init__(self, model: nn.Module, names: list[str]):
+    def __init__(self, model: nn.Module, names: list[str], *, forward=None, mask=None):
         self.model = model
         self.modules = dict(model.named_modules())
         self.hooked = list(names)
         self._handles = []
         self.inputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         self._seen: set[str] = set()
+        self.forward, self.mask_fn, self.mask = forward, mask, None
 
     def _make_hook(self, name: str):
+        linear = isinstance(self.modules[name], nn.Linear)
+
         def hook(_module, inputs):
-            self.inputs[name].append(inputs[0].detach())
+            x = inputs[0].detach()
+            self.inputs[name].append(masked_rows(x, self.mask) if linear and x.dim() > 2 else x)
             self._seen.add(name)
             if len(self._seen) == len(self.hooked):
                 raise _StopForward
@@ -202,12 +214,17 @@ class InputCapture(LayerHooks):
 
     @torch.no_grad()
     def run(self, batches, device) -> dict[str, list[torch.Tensor]]:
-        """Run every batch (moved to ``device``) up to the captured layers."""
+        """Run every batch (moved to ``device``) up to the captured layers; a Linear layer's
+        ``(B, L, d)`` inputs are kept as the rows of the positions the token mask marks."""
+        from ..inputs import call_model, to_device, token_mask
+
         with self:
-            for x in batches:
+            for b in batches:
+                b = to_device(b, device)
                 self._seen.clear()
+                self.mask = token_mask(b, self.mask_fn)
                 try:
-                    self.model(x.to(device))
+                    call_model(self.model, b, self.forward)
                 except _StopForward:
                     pass
         return self.inputs
@@ -266,6 +283,7 @@ class MomentCollector(LayerHooks):
         self.modules = dict(model.named_modules())
         self.accumulate_device = accumulate_device
         self._acc: dict[str, dict] = {}  # float64 running sums per layer (Sigma as offset blocks)
+        self.mask: torch.Tensor | None = None  # the (B, L) token mask of the batch being run
         self._moments: dict[str, LayerMoments] | None = None
         self.skipped: dict[str, str] = {}
         self._handles: list = []
@@ -306,7 +324,7 @@ class MomentCollector(LayerHooks):
                 if not torch.isfinite(total):
                     raise self._nan_error(name)
                 if geo is None and x.dim() != 2:
-                    x = x.reshape(-1, x.shape[-1])
+                    x = masked_rows(x, self.mask)
                 elif geo is not None and x.dim() == 3:
                     x = x.unsqueeze(0)
                 self._push(name, x)

@@ -7,13 +7,15 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from ..config import CalibrationConfig
+from ..inputs import batch_size as batch_size_of
+from ..inputs import call_model, take, to_device, token_mask, unpack_loader_batch
 from ..data import ImageFolder, ImageTransform
 from ..errors import InputError, StoreMismatchError
 from .collector import DEFAULT_MAX_DIM, LayerMoments, MomentCollector
@@ -64,41 +66,54 @@ def image_transform(model: nn.Module, data, transform: ImageTransform | None) ->
 
 
 def default_batch_size(data, transform: ImageTransform | None) -> int:
-    """:func:`auto_batch_size` for the inputs' side (an image folder's transform, a tensor's
-    last dim, else 224)."""
-    side = transform.size if transform is not None else (data.shape[-1] if isinstance(data, torch.Tensor) else 224)
-    return auto_batch_size(side)
+    """:func:`auto_batch_size` for the inputs' side (an image folder's transform, a float image
+    tensor's last dim; 32 for other inputs)."""
+    if transform is not None:
+        return auto_batch_size(transform.size)
+    if isinstance(data, torch.Tensor) and data.is_floating_point():
+        return auto_batch_size(data.shape[-1])
+    return 32
 
 
 def input_batches(data, transform: ImageTransform | None, num_images, seed, batch_size, progress):
-    """Normalise the accepted data kinds to an iterator of input tensors, plus the image folder
-    (or ``None``) and a description of the source."""
+    """The accepted data kinds as an iterator of batches (:mod:`ddtd.inputs`), plus the image
+    folder (or ``None``) and a description of the source.
+
+    ``data``: an image folder (path); a tensor (any dtype), a tuple of tensors (positional
+    arguments) or a dict of tensors (keyword arguments) holding all samples, cut into batches of
+    ``batch_size``; or an iterable of batches (a DataLoader, a list, a generator; an ``(inputs,
+    labels)`` pair gives its inputs), used as they come. At most ``num_images`` samples."""
     if isinstance(data, (str, os.PathLike)):
         folder = ImageFolder.scan(data)
         it = folder.batches(transform, num=num_images, seed=seed, batch_size=batch_size, progress=progress)
         return it, folder, {"images": str(Path(data)), "num_images": num_images, "seed": seed}
-    if isinstance(data, torch.Tensor):
-        x = data if num_images is None else data[:num_images]
-        def gen():
-            for i in range(0, len(x), batch_size):
-                progress(len(x[i : i + batch_size]))
-                yield x[i : i + batch_size]
-        return gen(), None, {"tensor": list(data.shape)}
-    if isinstance(data, Iterable):  # DataLoader or any iterable of batches / (x, y) pairs
+    if isinstance(data, (torch.Tensor, tuple, Mapping)):
+        n = batch_size_of(data)
+        n = n if num_images is None else min(n, num_images)
+
+        def chunks():
+            for i in range(0, n, batch_size):
+                b = take(data, slice(i, min(n, i + batch_size)))
+                progress(batch_size_of(b))
+                yield b
+        kind = "tensor" if isinstance(data, torch.Tensor) else type(data).__name__
+        shape = list(data.shape) if isinstance(data, torch.Tensor) else n
+        return chunks(), None, {kind: shape}
+    if isinstance(data, Iterable):  # DataLoader or any iterable of batches / (inputs, labels) pairs
         def gen():
             seen = 0
-            for batch in data:
-                x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                if num_images is not None:
-                    x = x[: max(0, num_images - seen)]
-                if len(x) == 0:
+            for item in data:
+                b = unpack_loader_batch(item)
+                if num_images is not None and batch_size_of(b) > num_images - seen:
+                    b = take(b, slice(0, max(0, num_images - seen)))
+                if batch_size_of(b) == 0:
                     break
-                seen += len(x)
-                progress(len(x))
-                yield x
+                seen += batch_size_of(b)
+                progress(batch_size_of(b))
+                yield b
         return gen(), None, {"iterable": type(data).__name__}
     raise InputError(f"cannot calibrate on a {type(data).__name__}",
-                     hint="pass an image folder path, a DataLoader or a tensor batch")
+                     hint="pass an image folder path, a DataLoader / list of batches, or a tensor / tuple / dict batch")
 
 
 @torch.no_grad()
@@ -160,9 +175,11 @@ def calibrate(
         log.warning("skipping layer '%s': %s", name, reason)
     try:
         with collector:
-            for x in batches:
-                model(x.to(dev))
-                count += len(x)
+            for b in batches:
+                b = to_device(b, dev)
+                collector.mask = token_mask(b, config.mask)
+                call_model(model, b, config.forward)
+                count += batch_size_of(b)
     finally:
         bar.close()
     if count == 0:

@@ -535,7 +535,8 @@ def macs_by_layer(module: nn.Module, input_shape, *, dtype: torch.dtype | None =
                   device=None) -> dict[str, int]:
     """Multiply-adds of every conv (``Conv1d/2d/3d`` and their transposes, grouped included) and
     Linear in ``module`` for one forward pass on a zero input of ``input_shape`` (batch dim
-    included).
+    included), or on ``input_shape`` itself when it is an example batch (a tensor, a tuple of
+    tensors or a dict, :mod:`ddtd.inputs`: inputs of the model's own kinds, e.g. token ids).
 
     Per call: conv ``numel(output) * (C_in/g) * prod(kernel)``; transposed conv
     ``numel(input) * (C_out/g) * prod(kernel)``; Linear ``numel(output) * in_features``.  Biases
@@ -558,7 +559,12 @@ def macs_by_layer(module: nn.Module, input_shape, *, dtype: torch.dtype | None =
     try:
         module.eval()
         with torch.no_grad():
-            module(torch.zeros(tuple(input_shape), dtype=dtype, device=device))
+            from ddtd.inputs import call_model, is_shape, to_device
+
+            if is_shape(input_shape):
+                module(torch.zeros(tuple(input_shape), dtype=dtype, device=device))
+            else:
+                call_model(module, to_device(input_shape, device))
     finally:
         for h in hooks:
             h.remove()
