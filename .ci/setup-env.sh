@@ -11,11 +11,13 @@ if [ ! -x "$venv/bin/python" ]; then
     echo "setup: creating $venv" >&2
     "$py" -m venv "$venv"
 fi
+# DDTD_EXTRAS: the optional dependency groups to install (tests/run.sh adds "text": transformers)
+extras="${DDTD_EXTRAS:-test}"
 stamp="$venv/.ddtd-installed"
-if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
-    echo "setup: installing ddtd and its dependencies (torch 2.14.1 comes from this machine's disk)" >&2
-    "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$root[test]" >&2
-    touch "$stamp"
+if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ] || ! grep -qxF "$extras" "$stamp"; then
+    echo "setup: installing ddtd and its dependencies [$extras] (torch 2.14.1 comes from this machine's disk)" >&2
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$root[$extras]" >&2
+    echo "$extras" > "$stamp"
 fi
 
 # DDTD_SKIP_FMNIST=1: no data set (for runs that need none, e.g. benchmarks/gpu_check.sh where apt is out of reach)

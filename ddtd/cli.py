@@ -121,6 +121,32 @@ def _add_image_args(p: argparse.ArgumentParser) -> None:
                    help="images per forward pass (default: 32 at 224 px, more for smaller images, up to 512)")
 
 
+def _optional_images(p: argparse.ArgumentParser) -> None:
+    """``--images`` becomes optional (``--text`` or a store may stand in)."""
+    p.set_defaults(images=None)
+    for a in p._actions:
+        if a.dest == "images":
+            a.required = False
+
+
+def _add_text_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("text (a local Hugging Face model directory as --model; needs ddtd[text])")
+    g.add_argument("--text", type=Path, default=None,
+                   help="text file (one sample per line) or folder of .txt files, instead of --images")
+    g.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory (default: --model)")
+    g.add_argument("--max-length", type=_positive_int, default=128, help="tokens per sample at most (default 128)")
+
+
+def _text_data(args):
+    """Tokenized dict batches of ``--text`` (or ``None`` without it)."""
+    if getattr(args, "text", None) is None:
+        return None
+    from .text import text_batches
+
+    return text_batches(args.text, args.tokenizer or args.model, max_length=args.max_length,
+                        batch_size=args.batch_size or 32, num=args.num_images, seed=args.seed)
+
+
 def _load(args, model=None, weights=None):
     from .model_io import load_model
 
@@ -149,14 +175,18 @@ def cmd_calibrate(args) -> int:
         raise DdtdError(f"--append given but '{out}' does not exist",
                         hint="drop --append to create a new store")
     check_outputs({"-o": out}, _model_inputs(args))
+    if args.images is None and args.text is None:
+        raise DdtdError("nothing to calibrate on", hint="pass --images DIR or --text FILE")
     model = _load(args)
+    texts = _text_data(args)
     transform = ImageTransform(
         size=args.size, resize=args.resize, mean=_joined(args.mean), std=_joined(args.std),
         channels=args.channels or first_layer_channels(model),
     )
     config = CalibrationConfig(transform=transform, num_images=args.num_images, seed=args.seed,
                                batch_size=args.batch_size)
-    result = calibrate(model, args.images, config, layers=args.layers, max_dim=args.max_dim, device=args.device)
+    result = calibrate(model, texts if texts is not None else args.images, config, layers=args.layers,
+                       max_dim=args.max_dim, device=args.device)
     t_write = time.time()
     save_calibration(result, out, append=args.append)
     size = out.stat().st_size
@@ -220,13 +250,14 @@ def cmd_compress(args) -> int:
 
     out = Path(args.output)
     resolve_device(args.device)
-    if args.images is None and args.calib is None:
-        raise DdtdError("nothing to fit against", hint="pass --calib STORE.h5 (from ddtd calibrate) or --images DIR")
+    if args.images is None and args.calib is None and args.text is None:
+        raise DdtdError("nothing to fit against",
+                        hint="pass --calib STORE.h5 (from ddtd calibrate), --images DIR or --text FILE")
     if args.min_agreement is not None and args.max_drop is not None:
         raise DdtdError("give --min-agreement or --max-drop, not both", hint="--max-drop D is --min-agreement 1-D")
     min_agreement = _min_agreement(args)
-    if (min_agreement is not None or args.max_output_error is not None) and args.images is None:
-        raise DdtdError("a fidelity target is measured on held-out images", hint="pass --images DIR")
+    if (min_agreement is not None or args.max_output_error is not None) and args.images is None and args.text is None:
+        raise DdtdError("a fidelity target is measured on held-out images", hint="pass --images DIR or --text FILE")
     if all(x is None for x in (args.ratio, args.rank, args.ranks, args.error, min_agreement, args.max_output_error)) \
             and args.strategy != "vbmf":
         raise DdtdError("no size given", hint="pass --ratio R, --min-agreement A, --rank R, --ranks FILE or --error E")
@@ -246,11 +277,13 @@ def cmd_compress(args) -> int:
         except (OSError, ValueError) as exc:
             raise DdtdError(f"cannot read --ranks file '{args.ranks}' ({exc})",
                             hint='give a JSON object {"layer.name": rank, ...}') from exc
-    result = compress(model, args.images, _compress_config(args, transform, ranks), store=args.calib,
+    texts = _text_data(args)
+    result = compress(model, texts if texts is not None else args.images,
+                      _compress_config(args, None if texts is not None else transform, ranks), store=args.calib,
                       filter_fn=layer_filter(model, args.layers, include_first=args.include_first,
                                              include_last=args.include_last))
     save_model(result.model, out, spec=model.ddtd_spec, replacements=result.records,
-               report=result.report.to_dict(), transform=transform.to_dict())
+               report=result.report.to_dict(), transform=transform.to_dict() if texts is None else None)
     print(format_report(result.report))
     _print_fidelity(result.report.fidelity)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
@@ -276,7 +309,8 @@ def _compress_config(args, transform, ranks):
         min_agreement=_min_agreement(args), max_output_error=args.max_output_error, budget=args.budget,
         strategy=args.strategy, allocation=args.allocation, sequential=sequential, device=args.device,
         transform=transform, num_images=args.num_images, seed=args.seed, batch_size=args.batch_size,
-        holdout=args.holdout, input_shape=(transform.channels, transform.size, transform.size),
+        holdout=args.holdout, scope=args.scope,
+        input_shape=(transform.channels, transform.size, transform.size) if transform is not None else None,
         max_iter=args.max_iter, tol=args.tol, solver_seed=args.solver_seed, sparsity=args.sparsity,
         lrs_init=args.lrs_init, stabilize=False if args.no_stabilize else None, stable_finish=args.stable_finish)
 
@@ -441,6 +475,8 @@ def _add_calibrate(sub) -> None:
     p = sub.add_parser("calibrate", help="store each layer's input covariance (HDF5)")
     _add_model_args(p)
     _add_image_args(p)
+    _optional_images(p)
+    _add_text_args(p)
     p.add_argument("--layers", default=None,
                    help="comma-separated globs on layer names ('layer1.*,fc'); 're:' for a regex")
     p.add_argument("--max-dim", type=_positive_int, default=DEFAULT_MAX_DIM,
@@ -461,10 +497,8 @@ def _add_compress(sub) -> None:
     p = sub.add_parser("compress", help="compress a model (no fine-tuning) and write a .ddtd file")
     _add_model_args(p)
     _add_image_args(p)
-    p.set_defaults(images=None)
-    for a in p._actions:
-        if a.dest == "images":
-            a.required = False
+    _optional_images(p)
+    _add_text_args(p)
     p.add_argument("--calib", type=Path, help="covariance store from `ddtd calibrate` (else --images calibrates)")
     p.add_argument("--norm", choices=["sigma", "frobenius"], default="sigma")
     from .methods import METHODS
@@ -490,6 +524,9 @@ def _add_compress(sub) -> None:
                         "multiply-adds than its dense original; params = bytes only (low rank + sparse, "
                         "which runs dense, may be chosen); flops = multiply-adds")
     p.add_argument("--strategy", choices=["global", "uniform", "vbmf"], default="global")
+    p.add_argument("--scope", choices=["model", "layers"], default="model",
+                   help="what --ratio is a ratio of: the whole model (default) or the compressible layers alone "
+                        "(for transformers, whose embedding tables no low-rank format shrinks)")
     p.add_argument("--layers", help="globs of layers to compress (default: all but the first conv and the classifier)")
     p.add_argument("--include-first", action="store_true", help="also compress the input layer")
     p.add_argument("--include-last", action="store_true", help="also compress the final classifier")

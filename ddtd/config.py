@@ -29,7 +29,7 @@ from .errors import InputError
 from .methods import AutoConfig, MethodConfig
 from .ranks import check_rank_request
 
-__all__ = ["CompressConfig", "Size", "CalibrationConfig", "config_from_options", "OPTION_GROUPS", "NORMS", "BUDGETS", "STRATEGIES", "ALLOCATIONS",
+__all__ = ["CompressConfig", "Size", "CalibrationConfig", "config_from_options", "OPTION_GROUPS", "NORMS", "BUDGETS", "STRATEGIES", "ALLOCATIONS", "SCOPES",
            "SEQUENTIAL_MODES"]
 
 NORMS = ("sigma", "frobenius")
@@ -44,6 +44,10 @@ BUDGETS = ("both", "params", "flops")
 STRATEGIES = ("global", "uniform", "vbmf")
 #: How ``global`` compares layers in the Sigma norm (:mod:`ddtd.sensitivity`).
 ALLOCATIONS = ("sensitivity", "relative")
+#: What a whole-model ratio is a ratio of: the whole ``model`` (every parameter, embedding tables
+#: and norms included) or the compressible ``layers`` alone (the Conv2d / Linear layers the filter
+#: selects, the usual measure for transformers whose embeddings no low-rank format shrinks).
+SCOPES = ("model", "layers")
 SEQUENTIAL_MODES = ("auto", "on", "off")
 
 
@@ -71,7 +75,8 @@ class Size:
         min_agreement / max_output_error: the largest whole-model ratio whose top-1 agreement
             with the original on held-out calibration inputs is at least ``min_agreement`` (and
             / or whose relative output error is at most ``max_output_error``).
-        budget: :data:`BUDGETS`; strategy: :data:`STRATEGIES`; allocation: :data:`ALLOCATIONS`.
+        budget: :data:`BUDGETS`; strategy: :data:`STRATEGIES`; allocation: :data:`ALLOCATIONS`;
+            scope: :data:`SCOPES`.
     """
 
     ratio: float | None = None
@@ -83,9 +88,11 @@ class Size:
     budget: str = "both"
     strategy: str = "global"
     allocation: str = "sensitivity"
+    scope: str = "model"
 
     def __post_init__(self):
         _choice(self.budget, BUDGETS, "budget")
+        _choice(self.scope, SCOPES, "ratio scope")
         _choice(self.strategy, STRATEGIES, "rank strategy")
         _choice(self.allocation, ALLOCATIONS, "allocation")
         given = [k for k in ("ratio", "rank", "ranks", "error") if getattr(self, k) is not None]
@@ -200,7 +207,7 @@ class CompressConfig:
 #: The flat option names :func:`config_from_options` accepts, by the part of the tree they set.
 OPTION_GROUPS = {
     "size": ("ratio", "rank", "ranks", "error", "min_agreement", "max_output_error", "budget", "strategy",
-             "allocation"),
+             "allocation", "scope"),
     "calibration": ("transform", "num_images", "seed", "batch_size", "holdout", "input_shape", "show_progress"),
     "top": ("norm", "sequential", "device"),
     "method": ("method", "max_iter", "tol", "solver_seed", "damping", "bias_correction", "stabilize", "sparsity",

@@ -136,6 +136,12 @@ def build_from_spec(spec: ModelSpec, *, trust_factory=None, where: str = "the sp
         if not isinstance(model, nn.Module):
             raise InputError(f"factory '{name}' returned {type(model).__name__}, not an nn.Module")
         return model
+    if source == "huggingface":
+        from .text import build_hf_model
+
+        if not isinstance(kwargs.get("config_json"), str):
+            raise InputError(f"{where}: the Hugging Face spec has no config", hint="re-create the file with ddtd compress")
+        return build_hf_model(name, kwargs["config_json"])
     raise InputError(f"unknown model source '{source}' in {where}", hint="re-create the file with ddtd compress")
 
 
@@ -204,7 +210,15 @@ def load_model(
     """
     text = str(model)
     path = Path(text)
-    if path.suffix and path.exists() and path.is_file():
+    from .text import is_hf_dir
+
+    if is_hf_dir(path):
+        from .text import load_hf_model
+
+        m = load_hf_model(path)
+        if weights:
+            _load_weights(m, weights)
+    elif path.suffix and path.exists() and path.is_file():
         if _is_torchscript(path):
             try:
                 m = torch.jit.load(str(path), map_location=device)

@@ -199,7 +199,7 @@ class _Job:
 
     def at_ratio(self, ratio: float, method=None) -> CompressConfig:
         s = self.config.size
-        size = Size(ratio=ratio, budget=s.budget, strategy=s.strategy, allocation=s.allocation)
+        size = Size(ratio=ratio, budget=s.budget, strategy=s.strategy, allocation=s.allocation, scope=s.scope)
         return replace(self.config, size=size, method=method or self.config.method)
 
     def plan(self, config: CompressConfig, spectra=None) -> Plan:
@@ -422,7 +422,7 @@ def _fit_model(job: _Job, config: CompressConfig) -> CompressResult:
     params_before = sum(q.numel() for q in work.parameters())  # BN folded, nothing replaced yet
     s = config.size
     report = Report(settings=dict(method=config.method.name, norm=config.norm, ratio=s.ratio, budget=s.budget,
-                                  rank=s.rank, error=s.error, strategy=s.strategy, sequential=mode,
+                                  rank=s.rank, error=s.error, strategy=s.strategy, scope=s.scope, sequential=mode,
                                   input_shape=list(job.inputs.input_shape) if is_shape(job.inputs.input_shape)
                                   else "example batch"))
     for name, reason in unsupported_layers(work).items():
@@ -446,6 +446,9 @@ def _fit_model(job: _Job, config: CompressConfig) -> CompressResult:
     report.params_after = stored_units(work)
     report.macs_before = sum(plan_.macs.values())
     report.macs_after = _macs_after(work, job.inputs.input_shape, report)
+    fitted = [r for r in report.layers if r.name in plan_.shapes]
+    report.settings["layers_ratio"] = (sum(r.params_before for r in fitted) / max(1, sum(r.params_after for r in fitted))
+                                       if fitted else None)
     work.ddtd_spec = getattr(work, "ddtd_spec", None)
     return CompressResult(work, report, records)
 

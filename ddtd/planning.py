@@ -182,8 +182,13 @@ def _sizes(model, config: CompressConfig, plan_: Plan, spectra, weights) -> dict
     fmts = {n: yardstick("svd" if auto else p.method) for n, p in active.items()}
     shapes = plan_.shapes
     if size.ratio is not None:
-        total = (sum(p.numel() for p in model.parameters()) if size.budget in ("params", "both")
-                 else sum(plan_.macs.values()))
+        if size.scope == "layers":  # the ratio of the selected layers alone
+            total = sum(s.dense_params if size.budget in ("params", "both") else plan_.macs.get(n, s.dense_macs)
+                        for n, s in shapes.items())
+        elif size.budget in ("params", "both"):
+            total = sum(p.numel() for p in model.parameters())
+        else:
+            total = sum(plan_.macs.values())
         # output-weighted spectra are in one unit (the model's loss): compare them as they are
         w = None if weights is None else {n: 1.0 for n in active}
         return allocate({n: shapes[n] for n in active}, fmts, size, total=total, spectra=spectra, weights=w)
