@@ -309,7 +309,7 @@ def _compress_config(args, transform, ranks):
         min_agreement=_min_agreement(args), max_output_error=args.max_output_error, budget=args.budget,
         strategy=args.strategy, allocation=args.allocation, sequential=sequential, device=args.device,
         transform=transform, num_images=args.num_images, seed=args.seed, batch_size=args.batch_size,
-        holdout=args.holdout, scope=args.scope,
+        holdout=args.holdout, scope=args.scope, stages=args.stages,
         input_shape=(transform.channels, transform.size, transform.size) if transform is not None else None,
         max_iter=args.max_iter, tol=args.tol, solver_seed=args.solver_seed, sparsity=args.sparsity,
         lrs_init=args.lrs_init, stabilize=False if args.no_stabilize else None, stable_finish=args.stable_finish)
@@ -524,6 +524,9 @@ def _add_compress(sub) -> None:
                         "multiply-adds than its dense original; params = bytes only (low rank + sparse, "
                         "which runs dense, may be chosen); flops = multiply-adds")
     p.add_argument("--strategy", choices=["global", "uniform", "vbmf"], default="global")
+    p.add_argument("--stages", type=_positive_int, default=1,
+                   help="reach --ratio in this many compressions of geometric ratios, recalibrating on the "
+                        "compressed model between them (chains are re-fitted, the layer count does not grow)")
     p.add_argument("--scope", choices=["model", "layers"], default="model",
                    help="what --ratio is a ratio of: the whole model (default) or the compressible layers alone "
                         "(for transformers, whose embedding tables no low-rank format shrinks)")

@@ -12,7 +12,10 @@
 * ``norm``: ``"sigma"`` (fit the output error on the calibration data) or ``"frobenius"``
   (fit the weights: the baseline);
 * ``sequential``: ``"auto"``, ``"on"`` or ``"off"`` (see :mod:`ddtd.sequential`);
-* ``device``: where the work runs (``None``: where the model is).
+* ``device``: where the work runs (``None``: where the model is);
+* ``stages``: reach ``size.ratio`` in this many compressions of geometric ratios, each
+  recalibrated on the model the previous one produced (its chains merged and re-fitted at lower
+  ranks, so the number of layers does not grow).
 
 Every dataclass validates itself in ``__post_init__`` and raises :class:`ddtd.InputError` with a
 hint, so a bad request fails before any calibration starts. The image-sample seed
@@ -185,9 +188,14 @@ class CompressConfig:
     norm: str = "sigma"
     sequential: str = "auto"
     device: Any = None
+    stages: int = 1
 
     def __post_init__(self):
         _choice(self.norm, NORMS, "norm")
+        if isinstance(self.stages, bool) or not isinstance(self.stages, int) or self.stages < 1:
+            raise InputError(f"stages must be an int >= 1, got {self.stages!r}", hint="e.g. stages=3")
+        if self.stages > 1 and self.size.ratio is None:
+            raise InputError("compressing in stages needs a whole-model ratio", hint="e.g. Size(ratio=4), stages=3")
         if self.sequential is True or self.sequential is False:
             object.__setattr__(self, "sequential", "on" if self.sequential else "off")
         _choice(self.sequential, SEQUENTIAL_MODES, "sequential mode")
@@ -209,7 +217,7 @@ OPTION_GROUPS = {
     "size": ("ratio", "rank", "ranks", "error", "min_agreement", "max_output_error", "budget", "strategy",
              "allocation", "scope"),
     "calibration": ("transform", "num_images", "seed", "batch_size", "holdout", "input_shape", "show_progress"),
-    "top": ("norm", "sequential", "device"),
+    "top": ("norm", "sequential", "device", "stages"),
     "method": ("method", "max_iter", "tol", "solver_seed", "damping", "bias_correction", "stabilize", "sparsity",
                "lrs_init", "stable_finish"),
 }

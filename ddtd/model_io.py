@@ -274,6 +274,7 @@ def _load_ddtd_file(path: Path, trust_factory=None) -> nn.Module:
                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})",
                          hint="re-create the file with ddtd compress") from exc
     model.ddtd_spec = obj["spec"]
+    model.ddtd_records = list(obj.get("replacements") or [])  # how it was made: a further compression adds to them
     return model
 
 

@@ -35,8 +35,8 @@ from .errors import InputError
 from .fidelity import Fidelity, HeldOut, SvdProbe, search_ratio
 from .fitting import LayerData, LayerFit, solve
 from .inputs import Feed, count, example_of, first_samples, is_shape, probe_input, rebatch, split_batches, to_device
-from .layers import (describe_split, fold_batchnorm, fold_records, get_module, macs_by_layer, replace_layer,
-                     split_attention)
+from .layers import (describe_split, fold_batchnorm, fold_records, get_module, macs_by_layer, merge_compressed,
+                     replace_layer, split_attention)
 from .methods import AutoConfig, CPConfig, SvdConfig, get_method, method_configs, stable_version
 from .planning import LayerPlan, Plan, is_depthwise, kept_attention, layer_macs, plan, prunes_depthwise, ranks_for_format, \
     svd_ranks_at_size
@@ -66,12 +66,19 @@ def prepare(model: nn.Module) -> tuple[nn.Module, list[dict]]:
     ``nn.MultiheadAttention`` rewritten with ``nn.Linear`` projections
     (:func:`ddtd.layers.split_attention`; the outputs are unchanged).
 
-    Returns the copy and the records of both (for the saved file). The original is not touched.
+    A model ddtd compressed before (its ``ddtd_records``) has its factor chains merged back into
+    dense layers (:func:`ddtd.layers.merge_compressed`), so a further compression re-fits them at
+    lower ranks and the number of layers does not grow.
+
+    Returns the copy and the records of all this (for the saved file, after those the model
+    already had). The original is not touched.
     """
     work = copy.deepcopy(model).eval()
+    records = list(getattr(model, "ddtd_records", None) or [])
     work, folded = fold_batchnorm(work, inplace=True)
     split, _ = split_attention(work)
-    return work, fold_records(folded) + [describe_split(n) for n in split]
+    records += fold_records(folded) + [describe_split(n) for n in split]
+    return work, records + merge_compressed(work, records)
 
 
 def assemble(model: nn.Module, fits: dict[str, LayerFit]) -> list[dict]:
@@ -289,6 +296,8 @@ def compress(model: nn.Module, data=None, config: CompressConfig | None = None, 
         config, filter_fn = _from_flat_options(model, config, filter_fn, options)
     config = config or CompressConfig()
     _check_request(model, data, config, store)
+    if config.stages > 1:
+        return _compress_in_stages(model, data, config, filter_fn, on_layer)
     work, records = prepare(model)
     if config.device is not None:
         work = work.to(config.device)  # the copy: the caller's model stays on its device
@@ -311,6 +320,30 @@ def compress(model: nn.Module, data=None, config: CompressConfig | None = None, 
                                   max_output_error=config.size.max_output_error, holdout=config.calibration.holdout)
     result.report.seconds = {**seconds, "total": time.time() - t0}
     result.model.ddtd_spec = getattr(model, "ddtd_spec", None)
+    result.model.ddtd_records = list(result.records)
+    return result
+
+
+def _compress_in_stages(model: nn.Module, data, config: CompressConfig, filter_fn, on_layer) -> CompressResult:
+    """``config.stages`` compressions at ratios ``ratio ** (k / stages)``, each recalibrated on the
+    model the previous one produced. Every stage merges the chains back into dense layers of the
+    original geometry first (:func:`prepare`), so each stage's ratio is measured from the
+    original model and the last one lands on ``ratio``."""
+    if data is None:
+        raise InputError("compressing in stages recalibrates between stages and needs the data, not a store",
+                         hint="pass data (images / batches)")
+    current, seconds, steps = model, {}, []
+    for k in range(1, config.stages + 1):
+        step = config.size.ratio ** (k / config.stages)
+        result = compress(current, data, replace(config, stages=1, size=replace(config.size, ratio=step)),
+                          filter_fn=filter_fn, on_layer=on_layer)
+        steps.append({"ratio": step, "reached": result.report.ratio, **result.report.fidelity.get("heldout", {})})
+        for key, v in result.report.seconds.items():
+            seconds[key] = seconds.get(key, 0.0) + v
+        log.info("stage %d of %d: %.3fx", k, config.stages, result.report.ratio)
+        current = result.model
+    result.report.settings.update(stages=steps, ratio=config.size.ratio)
+    result.report.seconds = seconds
     return result
 
 

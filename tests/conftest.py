@@ -78,3 +78,11 @@ class TinyEncoder(nn.Module):
 def tiny_encoder(**kw):
     torch.manual_seed(0)
     return TinyEncoder(**kw).eval()
+
+
+def plain_cnn(classes: int = 5):
+    """Four 3x3 convs and a classifier, wide enough for 2-3x compressions of the middle layers."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(32, 32, 3, padding=1, stride=2), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, classes)).eval()

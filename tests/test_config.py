@@ -148,3 +148,40 @@ def test_flat_keywords_still_work_with_a_deprecation_warning(single_thread):
         torch.testing.assert_close(old.model(x), new.model(x))
     with pytest.raises(InputError, match="not both"):
         ddtd.compress(net, x, CompressConfig(), ratio=2)
+
+
+def _layer_count(model):
+    return sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+
+
+def _one_chain_per_layer(result, original) -> bool:
+    """Each compressed layer is one svd chain (two layers), nothing nested: the count of Conv2d /
+    Linear modules is the original's plus one per svd row."""
+    return _layer_count(result.model) == _layer_count(original) + sum(r.method == "svd" for r in result.report.layers)
+
+
+def test_stages_and_compressing_a_compressed_file_keep_the_layer_count(tmp_path, single_thread):
+    """--stages N and a second compression of a .ddtd file re-fit the chains (merged back into
+    dense layers first): same number of layers as one compression, the ratio within 2%."""
+    from conftest import plain_cnn
+
+    net = plain_cnn()
+    net.ddtd_spec = {"source": "factory", "name": "conftest:plain_cnn", "kwargs": {}}
+    x = torch.randn(64, 3, 16, 16)
+    one = ddtd.compress(net, x, config_from_options(ratio=2.5, method="svd", sequential=False))
+    three = ddtd.compress(net, x, config_from_options(ratio=2.5, method="svd", sequential=False, stages=3))
+    assert _one_chain_per_layer(one, net) and _one_chain_per_layer(three, net)
+    assert three.report.ratio == pytest.approx(2.5, rel=0.02)
+    assert [round(s["ratio"], 3) for s in three.report.settings["stages"]] == [1.357, 1.842, 2.5]
+    path = tmp_path / "a.ddtd"
+    half = ddtd.compress(net, x, config_from_options(ratio=1.5, method="svd", sequential=False))
+    ddtd.save_model(half.model, path, spec=net.ddtd_spec, replacements=half.records)
+    again = ddtd.compress(ddtd.load(path, trust_factory="conftest"), x,
+                          config_from_options(ratio=2.5, method="svd", sequential=False))
+    assert _one_chain_per_layer(again, net) and len(again.records) > len(half.records)
+    assert again.report.ratio == pytest.approx(2.5, rel=0.02)
+    out = tmp_path / "b.ddtd"
+    ddtd.save_model(again.model, out, spec=net.ddtd_spec, replacements=again.records)
+    with torch.no_grad():
+        torch.testing.assert_close(ddtd.load(out, trust_factory="conftest")(x[:4]), again.model(x[:4]),
+                                   rtol=0, atol=1e-5)

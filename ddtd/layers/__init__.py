@@ -15,6 +15,7 @@ from .builders import (BUILDERS, FORMATS, build, build_cp3, build_cp4, build_den
                        dense_forward, factor_shapes, factorized_weight, format_applies, layer_dims, macs_by_layer, svd_weight,
                        tucker2_kernel)
 from .attention import ProjectedAttention, split_attention
+from .merge import merge_compressed, merged_layer
 from .records import (KINDS, apply_replacements, describe_fold, describe_replacement, describe_split,
                       fold_records, layer_spec, replace_layer)
 from .surgery import find_conv_bn_pairs, fold_batchnorm, fold_conv_bn, get_module, set_module
@@ -25,5 +26,5 @@ __all__ = [
     "cp3_kernel", "cp4_kernel", "dense_forward", "factor_shapes", "count_params", "count_macs",
     "macs_by_layer", "layer_dims", "format_applies", "get_module", "set_module", "find_conv_bn_pairs", "fold_conv_bn",
     "fold_batchnorm", "layer_spec", "describe_replacement", "describe_fold", "fold_records",
-    "replace_layer", "apply_replacements", "describe_split", "ProjectedAttention", "split_attention",
+    "replace_layer", "apply_replacements", "describe_split", "ProjectedAttention", "split_attention", "merge_compressed", "merged_layer",
 ]

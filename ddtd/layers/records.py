@@ -12,6 +12,8 @@ A record is a dict of str / int / bool / list / None only:
 * low-rank + sparse: ``{"kind": "lrs", "name", "layer", "ranks": [], "bias", "desc":
   LowRankSparse.describe()}`` (rebuilt with :meth:`LowRankSparse.from_description`).
 * BatchNorm fold: ``{"kind": "fold_bn", "conv": conv name, "bn": bn name}``.
+* merge: ``{"kind": "merge", "name", "layer": geometry}``: the chain at ``name`` became one dense
+  layer again (:mod:`ddtd.layers.merge`), before a further compression replaced it.
 * attention split: ``{"kind": "split_attention", "name": name}``: the ``nn.MultiheadAttention``
   there becomes a :class:`ddtd.layers.attention.ProjectedAttention`.
 
@@ -147,11 +149,12 @@ def _check_record(rec, i: int) -> None:
     if not isinstance(rec, dict) or "kind" not in rec:
         raise InputError(f"record {i} is not a replacement record: {rec!r}",
                          hint="pass the list made by describe_replacement / describe_fold")
-    need = {"fold_bn": ("conv", "bn"), "split_attention": ("name",)}.get(rec["kind"], ("name", "layer", "ranks", "bias"))
+    need = {"fold_bn": ("conv", "bn"), "split_attention": ("name",), "merge": ("name", "layer")}.get(
+        rec["kind"], ("name", "layer", "ranks", "bias"))
     if rec["kind"] == "lrs":
         need += ("desc",)
     missing = [k for k in need if k not in rec]
-    if rec["kind"] not in KINDS + ("fold_bn", "split_attention") or missing:
+    if rec["kind"] not in KINDS + ("fold_bn", "split_attention", "merge") or missing:
         raise InputError(f"record {i} ({rec.get('kind')!r}) is malformed; missing {missing}",
                          hint="the records must come from this version of ddtd; recompress")
 
@@ -241,6 +244,11 @@ def apply_replacements(model: nn.Module, records: Sequence[dict], *,
             _apply_fold(model, rec)
         elif rec["kind"] == "split_attention":
             _apply_split(model, rec)
+        elif rec["kind"] == "merge":
+            from .merge import module_from_spec
+
+            p = next(model.parameters())
+            set_module(model, rec["name"], module_from_spec(rec["layer"], dtype=p.dtype, device=p.device))
         else:
             _apply_one(model, rec)
     return model
