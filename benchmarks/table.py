@@ -175,11 +175,11 @@ def run(args) -> None:
             for norm in args.norms:
                 for ratio in args.ratios:
                     for seq in args.sequential:
-                        key = (name, method, norm, ratio, _seq_label(seq, norm), args.strategy)
+                        key = (name, method, norm, ratio, _seq_label(seq, norm), args.strategy, args.stages)
                         if key in done and not args.redo:
                             continue
                         config = CompressConfig(
-                            method=method_config(method, args.max_iter), norm=norm, sequential=seq,
+                            method=method_config(method, args.max_iter), norm=norm, sequential=seq, stages=args.stages,
                             size=Size(ratio=ratio, strategy=args.strategy),
                             calibration=CalibrationConfig(transform=TRANSFORM, batch_size=128, show_progress=False))
                         t = time.time()
@@ -205,7 +205,7 @@ def run(args) -> None:
                             "macs": res.report.macs_after, "macs_before": res.report.macs_before,
                             "latency_ms": lat["compressed"], "dense_latency_ms": lat["dense"],
                             "seconds": seconds, "threads": torch.get_num_threads(),
-                            "bytes": 4 * res.report.params_after, "strategy": args.strategy,
+                            "bytes": 4 * res.report.params_after, "strategy": args.strategy, "stages": args.stages,
                         }
                         if args.quantize:
                             row["quantized_accuracy"] = quantized_accuracies(res.model, res.report, xt, yt)
@@ -217,7 +217,7 @@ def run(args) -> None:
 
 def _row_key(r: dict) -> tuple:
     return (r["model"], r["method"], r["norm"], r["ratio_target"], _seq_label(r.get("sequential"), r["norm"]),
-            r.get("strategy", "global"))
+            r.get("strategy", "global"), r.get("stages", 1))
 
 
 def _store_row(out: Path, row: dict, replaces: tuple | None, key=None) -> None:
@@ -247,12 +247,14 @@ def render() -> None:
                   f"{rs[0]['params_before'] / 1e6:.2f}M parameters, {rs[0]['macs_before'] / 1e6:.1f}M multiply-adds, BN folded)", "",
                   "| method | norm | seq | target | params ratio | MACs ratio | top-1 | drop | latency b1 / b32 ms (dense) | speedup b1 / b32 | time s |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in sorted(rs, key=lambda r: (r["method"], r["norm"], r["ratio_target"], _seq_label(r["sequential"]))):
+        for r in sorted(rs, key=lambda r: (r["method"], r["norm"], r["ratio_target"], _seq_label(r["sequential"]),
+                                           r.get("stages", 1))):
             lat, dl = r["latency_ms"], r["dense_latency_ms"]
             seq = _seq_label(r["sequential"])
             if seq == "auto":
                 seq += f" ({r.get('sequential_layers', '?')} seq)"
-            meth = r["method"] + (" (uniform)" if r.get("strategy") == "uniform" else "")
+            meth = r["method"] + (" (uniform)" if r.get("strategy") == "uniform" else "") + (
+                f" ({r['stages']} stages)" if r.get("stages", 1) > 1 else "")
             lines.append(
                 f"| {meth} | {r['norm']} | {seq} | {r['ratio_target']:g}x | "
                 f"{r['ratio']:.2f}x | {r['macs_ratio']:.2f}x | {100 * r['accuracy']:.2f}% | "
@@ -313,12 +315,13 @@ def render() -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["resnet18", "vgg"],
-                    help="reference models of examples/train_reference.py (resnet18, vgg, mobilenet_v3_small)")
+                    help="reference models of examples/train_reference.py (resnet18, vgg, mobilenet_v3_small, vit)")
     ap.add_argument("--methods", nargs="+", default=["svd", "tucker2", "cp3", "cp4", "auto"])
     ap.add_argument("--norms", nargs="+", default=["frobenius", "sigma"])
     ap.add_argument("--ratios", nargs="+", type=float, default=[2, 4, 8, 16])
     ap.add_argument("--sequential", nargs="+", default=["auto"], choices=["auto", "on", "off"])
     ap.add_argument("--max-iter", type=int, default=25)
+    ap.add_argument("--stages", type=int, default=1, help="compress in this many recalibrated stages (ddtd --stages)")
     ap.add_argument("--latency-rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--strategy", choices=["global", "uniform"], default="global",
