@@ -158,7 +158,7 @@ def run(args) -> None:
     from train_reference import TRANSFORM, ensure
 
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "table.jsonl"
+    out = Path(args.results)
     done = set()
     if out.exists():
         for line in out.read_text().splitlines():
@@ -321,6 +321,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ratios", nargs="+", type=float, default=[2, 4, 8, 16])
     ap.add_argument("--sequential", nargs="+", default=["auto"], choices=["auto", "on", "off"])
     ap.add_argument("--max-iter", type=int, default=25)
+    ap.add_argument("--results", default=str(RESULTS / "table.jsonl"),
+                    help="rows file (default benchmarks/results/table.jsonl; --render reads that one)")
     ap.add_argument("--stages", type=int, default=1, help="compress in this many recalibrated stages (ddtd --stages)")
     ap.add_argument("--latency-rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
