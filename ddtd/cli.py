@@ -469,14 +469,20 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _add_calibrate(sub) -> None:
-    from .calibration import DEFAULT_MAX_DIM
-
-    p = sub.add_parser("calibrate", help="store each layer's input covariance (HDF5)")
+def _data_command(sub, name: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand that reads a model and calibration data (images or text)."""
+    p = sub.add_parser(name, help=help)
     _add_model_args(p)
     _add_image_args(p)
     _optional_images(p)
     _add_text_args(p)
+    return p
+
+
+def _add_calibrate(sub) -> None:
+    from .calibration import DEFAULT_MAX_DIM
+
+    p = _data_command(sub, "calibrate", "store each layer's input covariance (HDF5)")
     p.add_argument("--layers", default=None,
                    help="comma-separated globs on layer names ('layer1.*,fc'); 're:' for a regex")
     p.add_argument("--max-dim", type=_positive_int, default=DEFAULT_MAX_DIM,
@@ -494,11 +500,7 @@ def _add_merge(sub) -> None:
 
 
 def _add_compress(sub) -> None:
-    p = sub.add_parser("compress", help="compress a model (no fine-tuning) and write a .ddtd file")
-    _add_model_args(p)
-    _add_image_args(p)
-    _optional_images(p)
-    _add_text_args(p)
+    p = _data_command(sub, "compress", "compress a model (no fine-tuning) and write a .ddtd file")
     p.add_argument("--calib", type=Path, help="covariance store from `ddtd calibrate` (else --images calibrates)")
     p.add_argument("--norm", choices=["sigma", "frobenius"], default="sigma")
     from .methods import METHODS

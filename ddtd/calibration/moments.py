@@ -676,13 +676,8 @@ def fast_correlation(
     return out.view(ri, rj, groups, cg, cg)
 
 
-def conv_input_moments(
-    x: torch.Tensor,
-    geo: ConvGeometry,
-    compute_dtype: torch.dtype | None = None,
-    method: str = "auto",
-    y: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
+def conv_input_moments(x: torch.Tensor, geo: ConvGeometry, compute_dtype: torch.dtype | None = None,
+                       method: str = "auto", y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Exact ``(sum x x^T, sum x, count)`` over all patches a Conv2d sees in the batch ``x``.
 
     Same arguments as :func:`conv_moment_blocks`; returns the dense ``(g, D, D)`` matrix.
