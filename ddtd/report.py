@@ -157,6 +157,11 @@ def format_report(report: Report) -> str:
         f"({report.macs_ratio:.2f}x); method {s.get('method')}, norm {s.get('norm')}, "
         f"strategy {s.get('strategy')}, sequential {s.get('sequential')}"
     )
+    if s.get("layers_ratio"):
+        lines.append(f"compressible layers alone: {s['layers_ratio']:.2f}x (the ratio asked was of the "
+                     f"{'layers alone' if s.get('scope') == 'layers' else 'whole model'})")
+    if isinstance(s.get("stages"), list):
+        lines.append("stages: " + ", ".join(f"{st['reached']:.2f}x" for st in s["stages"]))
     if report.seconds:
         lines.append("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items()))
     lines.extend("warning: " + msg for msg in growth_warnings(report))
