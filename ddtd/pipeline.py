@@ -428,16 +428,16 @@ def _judge_fidelity(job: _Job, search: _RatioSearch, fidelity: dict, report: Rep
         log.info("held-out fidelity: %s", _fmt_fid(f))
 
 
-def _holdout_moments(work: nn.Module, inputs: _Inputs) -> dict:
-    """Per layer ``(Sigma_fit, Sigma_held)``: centred covariances of three quarters of the
-    calibration inputs and of the held-out quarter (for the low-rank / sparse split)."""
+def _holdout_moments(work: nn.Module, inputs: _Inputs, names: list[str]) -> dict:
+    """Per layer of ``names`` ``(Sigma_fit, Sigma_held)``: centred covariances of three quarters
+    of the calibration inputs and of the held-out quarter (for the low-rank / sparse split)."""
     fit_b, held_b = seq.split_holdout(inputs.batches, inputs.batch_size)
-    if held_b is None:
+    if held_b is None or not names:
         return {}
     cal = CalibrationConfig(batch_size=inputs.batch_size, show_progress=False, forward=inputs.feed.forward,
                             mask=inputs.feed.mask)
-    a = calibrate(work, fit_b, cal, check_variance=False).moments
-    b = calibrate(work, held_b, cal, check_variance=False).moments
+    a = calibrate(work, fit_b, cal, layers=names, check_variance=False).moments
+    b = calibrate(work, held_b, cal, layers=names, check_variance=False).moments
     return {n: (a[n].covariance(), b[n].covariance()) for n in a if n in b}
 
 
@@ -463,9 +463,10 @@ def _fit_model(job: _Job, config: CompressConfig) -> CompressResult:
         report.layers.append(LayerReport(name, type(get_module(work, name)).__name__, "dense", None, n, n,
                                          0, 0, None, None, 0.0, reason))
     configs = method_configs(config.method)
-    wants_split = any("lrs" in p.candidates for p in plan_.active) and getattr(configs.get("lrs"), "sparsity", 0) is None
-    holdout = _holdout_moments(work, job.inputs) if (
-        config.norm == "sigma" and job.inputs.batches is not None and wants_split) else {}
+    split_names = [p.name for p in plan_.active if "lrs" in p.candidates] \
+        if getattr(configs.get("lrs"), "sparsity", 0) is None else []
+    holdout = _holdout_moments(work, job.inputs, split_names) if (
+        config.norm == "sigma" and job.inputs.batches is not None) else {}
     for p in plan_.layers:
         row, fit = _fit_layer(job, config, configs, p, plan_, work, reference, parts, mode, holdout.get(p.name))
         if fit is not None:
