@@ -77,6 +77,8 @@ def method_config(method: str, max_iter: int):
         return replace(with_settings(default_config(method[: -len("-refit")]), max_iter=max_iter), finish="refit")
     if method.endswith("-d0"):  # undamped Sigma (the seed's CP-ALS): e.g. cp3-d0, cp3-stable-d0
         return with_settings(default_config(method[:-3]), max_iter=max_iter, damping=0.0)
+    if method == "auto-full":  # every candidate fitted in full before choosing
+        return replace(with_settings(default_config("auto"), max_iter=max_iter), probe_iters=None)
     if method.startswith("lrs-"):
         variant = method[4:]
         if variant in ("residual", "masked"):

@@ -312,7 +312,8 @@ def _compress_config(args, transform, ranks):
         holdout=args.holdout, scope=args.scope, stages=args.stages,
         input_shape=(transform.channels, transform.size, transform.size) if transform is not None else None,
         max_iter=args.max_iter, tol=args.tol, solver_seed=args.solver_seed, sparsity=args.sparsity,
-        lrs_init=args.lrs_init, stabilize=False if args.no_stabilize else None, stable_finish=args.stable_finish)
+        lrs_init=args.lrs_init, stabilize=False if args.no_stabilize else None, stable_finish=args.stable_finish,
+        probe_iters=args.probe_iters)
 
 
 def _print_fidelity(fid: dict) -> None:
@@ -514,6 +515,9 @@ def _add_compress(sub) -> None:
                         "with the lowest Sigma error)")
     p.add_argument("--lrs-init", choices=["data", "residual", "masked", "auto"], default=None,
                    help="lrs: initialisation (residual / masked: Hawkins et al. 2021, eq. 12 / 13-14)")
+    p.add_argument("--probe-iters", type=int, default=None,
+                   help="auto: compare the iterative formats after this many iterations and fit only the winner "
+                        "in full (default 5; 0: fit every format in full)")
     p.add_argument("--no-stabilize", action="store_true",
                    help="auto: keep plain CP-ALS factors instead of the minimal-sensitivity ones")
     p.add_argument("--stable-finish", choices=["channel", "refit", "none"], default=None,

@@ -219,7 +219,7 @@ OPTION_GROUPS = {
     "calibration": ("transform", "num_images", "seed", "batch_size", "holdout", "input_shape", "show_progress"),
     "top": ("norm", "sequential", "device", "stages"),
     "method": ("method", "max_iter", "tol", "solver_seed", "damping", "bias_correction", "stabilize", "sparsity",
-               "lrs_init", "stable_finish"),
+               "lrs_init", "stable_finish", "probe_iters"),
 }
 
 
@@ -239,7 +239,8 @@ def _method_from_options(opts: dict):
     if isinstance(config, AutoConfig):
         from dataclasses import replace
 
-        config = replace(config, stabilize=opts.get("stabilize", True))
+        config = replace(config, stabilize=opts.get("stabilize", True),
+                         probe_iters=opts.get("probe_iters", config.probe_iters) or None)
         lrs_only = {k: settings.pop(k) for k in ("sparsity", "init") if k in settings}
         config = with_settings(config, **settings)
         return replace(config, lrs=with_settings(config.lrs, **lrs_only))

@@ -182,18 +182,24 @@ class SparseConfig(MethodConfig):
 @dataclass(frozen=True)
 class AutoConfig:
     """Per layer, the candidate with the lowest (output-weighted) Sigma error at the allocated
-    size. ``stabilize``: a CP winner is refitted as stable CP (same error bound, lower
-    sensitivity). ``lrs`` joins the candidates when the budget counts bytes only
-    (``Size(budget="params")``): it saves bytes, not multiply-adds."""
+    size. ``probe_iters``: the iterative candidates (tucker2, cp, lrs) are compared after this
+    many iterations and only the winner is fitted in full (``None``: every candidate in full).
+    ``stabilize``: a CP winner is refitted as stable CP (same error bound, lower sensitivity).
+    ``lrs`` joins the candidates when the budget counts bytes only (``Size(budget="params")``): it
+    saves bytes, not multiply-adds."""
 
     candidates: tuple = field(default_factory=lambda: (SvdConfig(), Tucker2Config(), CPConfig("cp3"),
                                                        CPConfig("cp4")))
     stabilize: bool = True
     lrs: LRSConfig = field(default_factory=LRSConfig)
+    probe_iters: int | None = 5
 
     name: ClassVar[str] = "auto"
 
     def __post_init__(self):
+        if self.probe_iters is not None and (isinstance(self.probe_iters, bool) or not isinstance(self.probe_iters, int)
+                                             or self.probe_iters < 1):
+            raise InputError(f"probe_iters must be an int >= 1 or None, got {self.probe_iters!r}", hint="e.g. 5")
         object.__setattr__(self, "candidates", tuple(self.candidates))
         bad = [c for c in self.candidates if not isinstance(c, MethodConfig) or get_method(c.name).sizing != "ranks"]
         if not self.candidates or bad:

@@ -37,7 +37,7 @@ from .fitting import LayerData, LayerFit, solve
 from .inputs import Feed, count, example_of, first_samples, is_shape, probe_input, rebatch, split_batches, to_device
 from .layers import (describe_split, fold_batchnorm, fold_records, get_module, macs_by_layer, merge_compressed,
                      replace_layer, split_attention)
-from .methods import AutoConfig, CPConfig, SvdConfig, get_method, method_configs, stable_version
+from .methods import AutoConfig, CPConfig, SvdConfig, get_method, method_configs, stable_version, with_settings
 from .planning import LayerPlan, Plan, is_depthwise, kept_attention, layer_macs, plan, prunes_depthwise, ranks_for_format, \
     svd_ranks_at_size
 from .report import CompressResult, LayerReport, Report
@@ -515,6 +515,16 @@ def _layer_data(job: _Job, p: LayerPlan, layer, shape, models, parts, mode, hold
     return LayerData(lm.covariance(), lm.mean(), out_weights=ow, holdout=holdout), decision
 
 
+def _probe_config(cfg, auto: AutoConfig):
+    """``cfg`` cut to ``auto.probe_iters`` iterations for the comparison of candidates (the
+    closed-form svd and ``probe_iters=None`` leave it as it is)."""
+    if auto.probe_iters is None or isinstance(cfg, SvdConfig):
+        return cfg
+    short = with_settings(cfg, max_iter=min(getattr(cfg, "max_iter", auto.probe_iters), auto.probe_iters),
+                          iters=min(getattr(cfg, "iters", auto.probe_iters), auto.probe_iters))
+    return short if short != cfg else cfg
+
+
 def _fit_layer(job: _Job, config: CompressConfig, configs: dict, p: LayerPlan, plan_: Plan, work, reference,
                parts, mode, holdout) -> tuple[LayerReport, LayerFit | None]:
     """Fit one planned layer (every candidate for ``auto``, the best kept); its report row and
@@ -542,14 +552,17 @@ def _fit_layer(job: _Job, config: CompressConfig, configs: dict, p: LayerPlan, p
             slower.append(m)  # more multiply-adds than the dense layer: never, unless bytes only
             continue
         cfg = replace(configs[m], bias_correction=True) if flat else configs[m]
-        fit = solve(layer, cfg, r, data, norm=norm, name=p.name)
+        probe = _probe_config(cfg, config.method) if auto and len(p.candidates) > 1 else cfg
+        fit = solve(layer, probe, r, data, norm=norm, name=p.name)
         score = fit.info.get("weighted_error", fit.sigma_error) if norm == "sigma" else fit.weight_error
         if best is None or score < best[0]:
-            best = (score, r, fit)
+            best = (score, r, fit, cfg, probe is not cfg)
     if best is None:
         return dense(f"{'/'.join(slower)} at this size would need more multiply-adds than the dense layer "
                      "(--budget params allows it)", time.time() - ts), None
-    _, r, fit = best
+    _, r, fit, cfg, probed = best
+    if probed:  # the winner of the short fits, fitted in full
+        fit = solve(layer, cfg, r, data, norm=norm, name=p.name)
     if auto and config.method.stabilize and isinstance(configs[fit.method], CPConfig):
         # same error bound, lower sensitivity: robust to rounding and to upstream errors
         cfg = stable_version(configs[fit.method])
