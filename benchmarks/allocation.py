@@ -26,12 +26,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ddtd.calibration import calibrate  # noqa: E402
 from ddtd.calibration.collector import select_layers  # noqa: E402
+from ddtd.config import CalibrationConfig, CompressConfig, Size  # noqa: E402
 from ddtd.data import ImageFolder, ImageTransform  # noqa: E402
 from ddtd.fidelity import HeldOut, SvdProbe  # noqa: E402
-from ddtd.pipeline import plan, prepare  # noqa: E402
+from ddtd.methods import SvdConfig  # noqa: E402
+from ddtd.pipeline import prepare  # noqa: E402
+from ddtd.planning import plan  # noqa: E402
 from ddtd.sensitivity import output_sensitivity  # noqa: E402
 from photos import make_sets  # noqa: E402
 from pretrained import load  # noqa: E402
+
+
+def svd_config(norm: str, allocation: str, ratio: float) -> CompressConfig:
+    """The plan's request: Sigma-SVD (or Frobenius SVD) at a whole-model ratio of parameters."""
+    return CompressConfig(method=SvdConfig(), norm=norm, size=Size(ratio=ratio, allocation=allocation))
 
 
 def main() -> None:
@@ -54,8 +62,8 @@ def main() -> None:
     lines = [f"# {args.model}: {len(calib)} calibration photos, {held.images} evaluation photos (disjoint sources)"]
     t = time.time()
     names = select_layers(work)
-    moments = calibrate(work, calib, layers=[n for n in names if not (
-        getattr(dict(work.named_modules())[n], "groups", 1) > 1)], show_progress=False).moments
+    moments = calibrate(work, calib, CalibrationConfig(show_progress=False), layers=[n for n in names if not (
+        getattr(dict(work.named_modules())[n], "groups", 1) > 1)]).moments
     lines.append(f"# calibration {time.time() - t:.0f} s")
     t = time.time()
     weights = output_sensitivity(work, list(calib[:128].split(32)), names)
@@ -63,14 +71,14 @@ def main() -> None:
     rows = {}
     for label, norm, alloc in (("sigma + sensitivity", "sigma", "sensitivity"), ("sigma + relative", "sigma", "relative"),
                                ("frobenius", "frobenius", "relative")):
-        base, _, _ = plan(work, moments, input_shape=(3, 224, 224), method="svd", norm=norm, ratio=1.001)
-        probe = SvdProbe(work, moments, [p.name for p in base if p.method is not None or "would not shrink" in p.reason],
+        base = plan(work, moments, svd_config(norm, alloc, 1.001), input_shape=(3, 224, 224))
+        probe = SvdProbe(work, moments, [p.name for p in base.layers if p.method is not None or "would not shrink" in p.reason],
                          sigma_norm=norm == "sigma", correct_bias=norm == "sigma",
                          out_weights=weights if alloc == "sensitivity" else None)
         for r in args.ratios:
-            pl, shapes, macs = plan(work, moments, input_shape=(3, 224, 224), method="svd", norm=norm, ratio=r,
-                                    weights=weights if alloc == "sensitivity" else None, spectra=probe.spectra())
-            f = held.measure(probe.model_at({p.name: p.ranks for p in pl if p.method is not None}))
+            pl = plan(work, moments, svd_config(norm, alloc, r), input_shape=(3, 224, 224),
+                      weights=weights if alloc == "sensitivity" else None, spectra=probe.spectra())
+            f = held.measure(probe.model_at({p.name: p.ranks for p in pl.active}))
             rows[(label, r)] = f
             print(label, r, f, flush=True)
     lines.append("")

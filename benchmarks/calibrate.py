@@ -2,7 +2,7 @@
 
     python benchmarks/calibrate.py             # resnet18 @224 (random weights) + reference ResNet @32
     python benchmarks/calibrate.py --quick     # fewer images, one process per model
-    python benchmarks/calibrate.py --compare   # also the older lag method and naive unfolding
+    python benchmarks/calibrate.py --compare   # also the lag-only method and naive unfolding
 
 For each model: images per second of plain inference and of calibration (forward + moment
 hooks) on the same preloaded images, each at its best batch size of those tried (calibration
@@ -15,8 +15,9 @@ HDF5 store. Within a process, timings alternate inference and calibration and re
 On a shared 2-core machine a single process's ratio moved by about 25% from one process to the
 next (almost all of it in the inference time, e.g. 61-76 img/s at 224 px), so each model is
 measured in ``--processes`` fresh processes (default 3, run alternately across the models) and
-the median ratio is reported with the range. ``--compare`` adds the older lag-only method
-(``"auto-direct"``: one GEMM per lag) and the naive unfold-then-X^T X reference.
+the median ratio is reported with the range. ``--compare`` adds the lag-only method
+(``"auto-direct"``: one GEMM per lag; the "previous lag method" column) and the naive
+unfold-then-X^T X reference.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def measure(model_name: str, num_images: int, batch_sizes: tuple[int, ...], repe
             compare: bool = False) -> dict:
     from ddtd.calibration import MomentCollector, save_calibration
     from ddtd.calibration.run import calibrate
+    from ddtd.config import CalibrationConfig
     from ddtd.model_io import load_model
 
     torch.manual_seed(0)
@@ -99,7 +101,7 @@ def measure(model_name: str, num_images: int, batch_sizes: tuple[int, ...], repe
         calib(list(images.split(cal_bs)), "unfold")()
         extra = {"old_batch": old_bs, "old_ratio": per_batch[old_bs][2] / inf,
                  "naive_unfold_ratio": (time.perf_counter() - t) / inf}
-    result = calibrate(model, images, batch_size=cal_bs, show_progress=False)
+    result = calibrate(model, images, CalibrationConfig(batch_size=cal_bs, show_progress=False))
     with tempfile.TemporaryDirectory() as d:
         p = save_calibration(result, Path(d) / "s.h5")
         store_mib = p.stat().st_size / 2**20
@@ -129,7 +131,7 @@ def main(argv=None) -> int:
     ap.add_argument("--processes", type=int, default=None,
                     help="fresh processes per model (default 3, 1 with --quick); the median ratio counts")
     ap.add_argument("--compare", action="store_true",
-                    help="also time the older lag-only method and naive unfolding (slow)")
+                    help="also time the lag-only method (auto-direct) and naive unfolding (slow)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one model in this process
     args = ap.parse_args(argv)
     if args.threads:

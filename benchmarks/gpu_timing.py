@@ -42,6 +42,7 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # the synthetic layers of the tests
 
 OUT = io.StringIO()
 T0 = time.time()
@@ -124,7 +125,7 @@ def calibration_table(devices, args, failures):
     or ``(None, {})``."""
     import torchvision
 
-    from ddtd import calibrate
+    from ddtd import CalibrationConfig, calibrate
 
     size, n = (112, 16) if args.quick else (224, args.images)
     x = photos(n, size)
@@ -151,12 +152,14 @@ def calibration_table(devices, args, failures):
                         for b in x.split(bs):
                             model(b.to(dev))
 
+                cal = CalibrationConfig(batch_size=bs, show_progress=False)
+
                 def calib():
-                    return calibrate(model, x, batch_size=bs, device=dev, show_progress=False)
+                    return calibrate(model, x, cal, device=dev)
 
                 with torch.no_grad():  # warm-up: context, cuDNN autotuning, moment plans
                     model(x[:bs].to(dev))
-                calibrate(model, x[:bs], batch_size=bs, device=dev, show_progress=False)
+                calibrate(model, x[:bs], cal, device=dev)
                 t_inf, _ = timed(infer, dev, reps)
                 t_cal, res = timed(calib, dev, reps)
                 results[dev.type] = (t_inf, t_cal, {k: v.to_cpu() for k, v in res.moments.items()})
@@ -226,7 +229,7 @@ def solver_table(devices, args, model, moments, failures) -> None:
     log("|---" * (1 + 2 * len(devices) + (len(devices) == 2)) + "|")
     for dev in devices:  # warm-up on a small layer: kernels, cuSOLVER / cuBLAS handles, plans
         if dev.type == "cuda":
-            from ddtd.solvers.synthetic import activation_sigma, structured_kernel
+            from synthetic import activation_sigma, structured_kernel
 
             w, s = structured_kernel(32, 32, 3).to(dev), activation_sigma(32, 3, 8, 8).to(dev)
             for call in solver_cases(True, 32, 288).values():
@@ -270,7 +273,9 @@ def compress_table(dev, args, failures) -> None:
         model = torchvision.models.resnet18().eval()
         sync(dev)
         t = time.perf_counter()
-        res = ddtd.compress(model, x, ratio=2, method="svd", device=dev, show_progress=False)
+        config = ddtd.CompressConfig(method=ddtd.SvdConfig(), size=ddtd.Size(ratio=2), device=dev,
+                                     calibration=ddtd.CalibrationConfig(show_progress=False))
+        res = ddtd.compress(model, x, config)
         sync(dev)
         wall = time.perf_counter() - t
         stages = ", ".join(f"{k} {v:.1f} s" for k, v in res.report.seconds.items())

@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import ddtd  # noqa: E402
+from ddtd.config import config_from_options  # noqa: E402
 from ddtd.data import ImageFolder, ImageTransform  # noqa: E402
 from ddtd.evaluate import paired_latency  # noqa: E402
 from photos import make_sets  # noqa: E402
@@ -66,12 +67,15 @@ def fidelity(model, ref, batches) -> dict:
 
 
 def run(args, ref, eval_batches, calib_dir, cfg: dict) -> dict:
+    """One ``ddtd.compress`` with the flat options ``cfg`` (``ddtd compress``'s names, see
+    :func:`ddtd.config.config_from_options`) and its row."""
+    config = config_from_options(**cfg, transform=ImageTransform(size=224), num_images=args.images,
+                                 show_progress=False)
     t = time.time()
-    res = ddtd.compress(ref, calib_dir, transform=ImageTransform(size=224), num_images=args.images,
-                        show_progress=False, **cfg)
+    res = ddtd.compress(ref, calib_dir, config)
     wall = time.time() - t
     small = res.model.eval()
-    row = {"model": args.model, **{k: v for k, v in cfg.items() if k != "config"}, "images": args.images,
+    row = {"model": args.model, **cfg, "images": args.images,
            "ratio_reached": res.report.ratio, "macs_ratio": res.report.macs_ratio, "wall_s": wall,
            "stages_s": res.report.seconds, "threads": torch.get_num_threads(),
            "heldout": res.report.fidelity.get("heldout"), "curve": res.report.fidelity.get("curve"),

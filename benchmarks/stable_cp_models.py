@@ -58,12 +58,21 @@ def _rows() -> list[dict]:
     return [json.loads(line) for line in OUT.read_text().splitlines()] if OUT.exists() else []
 
 
-def run(args) -> None:
-    from dataclasses import replace
+def compress_config(method: str, ratio: float, seed: int, max_iter: int):
+    """The default pipeline's config for one table method at ``ratio``, CP-ALS seed ``seed``."""
+    from ddtd.config import CalibrationConfig, CompressConfig, Size
+    from ddtd.methods import with_settings
+    from train_reference import TRANSFORM
 
+    return CompressConfig(method=with_settings(method_config(method, max_iter), seed=seed), size=Size(ratio=ratio),
+                          norm="sigma",
+                          calibration=CalibrationConfig(transform=TRANSFORM, batch_size=128, show_progress=False))
+
+
+def run(args) -> None:
     from ddtd.model_io import load_model
     from ddtd.pipeline import compress
-    from train_reference import TRANSFORM, ensure
+    from train_reference import ensure
 
     RESULTS.mkdir(exist_ok=True)
     calib = calibration_subset()
@@ -78,11 +87,9 @@ def run(args) -> None:
                     key = (name, method, ratio, seed, args.max_iter)
                     if key in done and not args.redo:
                         continue
-                    base_method, cfg = method_config(method, "sigma", args.max_iter)
-                    cfg = replace(cfg, seed=seed)
+                    config = compress_config(method, ratio, seed, args.max_iter)
                     t = time.time()
-                    res = compress(model, str(calib), ratio=ratio, method=base_method, norm="sigma", config=cfg,
-                                   transform=TRANSFORM, batch_size=128, show_progress=False)
+                    res = compress(model, str(calib), config)
                     seconds = time.time() - t
                     row = {"model": name, "method": method, "ratio_target": ratio, "seed": seed,
                            "max_iter": args.max_iter, "threads": torch.get_num_threads(), "base_accuracy": base,
@@ -178,7 +185,7 @@ def summarize(rows: list[dict]) -> list[str]:
 
 
 def main(argv=None) -> int:
-    from ddtd.methods import MethodConfig
+    from ddtd.methods import default_config
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["resnet18", "vgg"])
@@ -187,7 +194,7 @@ def main(argv=None) -> int:
                     help="cp3 and stable CP variants (cp3-stable, cp3-stable-refit); the summary "
                          "compares each stable variant with cp3 on the seeds both have")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--max-iter", type=int, default=MethodConfig().max_iter,
+    ap.add_argument("--max-iter", type=int, default=default_config("cp3").max_iter,
                     help="CP-ALS iterations (default: ddtd's default, what `ddtd compress` runs; "
                          "the results table uses 25)")
     ap.add_argument("--threads", type=int, default=None)
