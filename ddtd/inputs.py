@@ -19,6 +19,8 @@ batch marks the positions that count (True / 1) and padding (False / 0): the
 
 from __future__ import annotations
 
+import inspect
+
 from collections.abc import Mapping
 from typing import Any, Callable
 
@@ -28,7 +30,7 @@ from torch import nn
 from .errors import InputError
 
 __all__ = ["call_model", "to_device", "batch_size", "take", "token_mask", "output_tensor", "split_batches",
-           "first_samples", "count", "example_of", "unpack_loader_batch", "rebatch", "Feed", "map_tensors", "is_shape", "probe_input"]
+           "first_samples", "count", "example_of", "unpack_loader_batch", "positional_arity", "rebatch", "Feed", "map_tensors", "is_shape", "probe_input"]
 
 Batch = Any
 
@@ -122,18 +124,33 @@ def output_tensor(out) -> torch.Tensor:
                      hint="pass forward=lambda model, batch: <a tensor> to say which output to compare")
 
 
-def unpack_loader_batch(batch: Batch) -> Batch:
-    """A DataLoader item as model input: an ``(inputs, labels)`` pair (two items, the second a 1-D
-    integer tensor of the batch size) gives its inputs; anything else is the input itself."""
-    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], torch.Tensor) \
-            and batch[1].dim() == 1 and not batch[1].is_floating_point():
-        first = batch[0]
-        try:
-            if batch_size(first) == batch[1].shape[0]:
-                return first
-        except InputError:
-            return batch
-    return batch
+def positional_arity(model: nn.Module) -> int | None:
+    """How many positional inputs ``model.forward`` takes (``None`` when it takes ``*args`` or
+    cannot be inspected)."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return None
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+
+
+def unpack_loader_batch(batch: Batch, arity: int | None = None) -> Batch:
+    """A DataLoader item as model input. An ``(inputs, targets)`` pair gives its inputs when the
+    second item is a tensor of the same batch size and either the model takes one positional input
+    (``arity == 1``, :func:`positional_arity`) or the second item is 1-D integer labels; anything
+    else is the input itself (a tuple: positional arguments)."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], torch.Tensor)
+            and batch[1].dim() >= 1):
+        return batch
+    labels = batch[1].dim() == 1 and not batch[1].is_floating_point()
+    if arity != 1 and not labels:
+        return batch
+    try:
+        return batch[0] if batch_size(batch[0]) == batch[1].shape[0] else batch
+    except InputError:
+        return batch
 
 
 def count(batches: list) -> int:

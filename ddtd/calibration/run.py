@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from ..config import CalibrationConfig
 from ..inputs import batch_size as batch_size_of
-from ..inputs import call_model, take, to_device, token_mask, unpack_loader_batch
+from ..inputs import call_model, take, to_device, token_mask, unpack_loader_batch, positional_arity
 from ..data import ImageFolder, ImageTransform
 from ..errors import InputError, StoreMismatchError
 from .collector import DEFAULT_MAX_DIM, LayerMoments, MomentCollector
@@ -75,14 +75,16 @@ def default_batch_size(data, transform: ImageTransform | None) -> int:
     return 32
 
 
-def input_batches(data, transform: ImageTransform | None, num_images, seed, batch_size, progress):
+def input_batches(data, transform: ImageTransform | None, num_images, seed, batch_size, progress,
+                  model: nn.Module | None = None):
     """The accepted data kinds as an iterator of batches (:mod:`ddtd.inputs`), plus the image
     folder (or ``None``) and a description of the source.
 
     ``data``: an image folder (path); a tensor (any dtype), a tuple of tensors (positional
     arguments) or a dict of tensors (keyword arguments) holding all samples, cut into batches of
     ``batch_size``; or an iterable of batches (a DataLoader, a list, a generator; an ``(inputs,
-    labels)`` pair gives its inputs), used as they come. At most ``num_images`` samples."""
+    labels)`` pair gives its inputs: :func:`ddtd.inputs.unpack_loader_batch`, told how many
+    positional inputs ``model`` takes), used as they come. At most ``num_images`` samples."""
     if isinstance(data, (str, os.PathLike)):
         folder = ImageFolder.scan(data)
         it = folder.batches(transform, num=num_images, seed=seed, batch_size=batch_size, progress=progress)
@@ -100,10 +102,12 @@ def input_batches(data, transform: ImageTransform | None, num_images, seed, batc
         shape = list(data.shape) if isinstance(data, torch.Tensor) else n
         return chunks(), None, {kind: shape}
     if isinstance(data, Iterable):  # DataLoader or any iterable of batches / (inputs, labels) pairs
+        arity = positional_arity(model) if model is not None else None
+
         def gen():
             seen = 0
             for item in data:
-                b = unpack_loader_batch(item)
+                b = unpack_loader_batch(item, arity)
                 if num_images is not None and batch_size_of(b) > num_images - seen:
                     b = take(b, slice(0, max(0, num_images - seen)))
                 if batch_size_of(b) == 0:
@@ -168,7 +172,7 @@ def calibrate(
     t0 = time.time()
     bar = tqdm(total=num_images if isinstance(data, (str, os.PathLike)) else None,
                unit="img", desc="calibrating", disable=None if show_progress is None else not show_progress)
-    batches, folder, source = input_batches(data, transform, num_images, seed, batch_size, bar.update)
+    batches, folder, source = input_batches(data, transform, num_images, seed, batch_size, bar.update, model)
     count = 0
     collector = MomentCollector(model, layers=layers, max_dim=max_dim)
     for name, reason in collector.skipped.items():
