@@ -20,7 +20,7 @@ bare Sigma fit (singular Sigma: D = 2304 > rank).
 run.  Full: (256,256,3,3) R=128, (512,512,3,3) R=256, Tucker2 (128,128) on (512,512,3,3);
 ``--quick``: smaller sizes.  Sigma: centred covariance of unfolded 3x3 patches of ReLU
 activations (random conv on channel- and space-correlated Gaussian images,
-ddtd.solvers.synthetic), i.e. a realistic, strongly anisotropic, non-Kronecker covariance.
+tests/synthetic.py), i.e. a realistic, strongly anisotropic, non-Kronecker covariance.
 Kernel: power-law singular spectrum + noise.  Every method runs the same number of iterations;
 "s/it" is wall time / iterations (all setup and init included).  Errors are relative squared
 errors: "fro" = ||K - K~||^2 / ||K||^2, "sigma" = tr(dW Sigma dW^T) / tr(W Sigma W^T); the ddtd

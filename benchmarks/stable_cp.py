@@ -10,7 +10,7 @@ tol=1e-3, direct_max=1024), old settings (rows='block': exact row blocks of floo
 rows, no extrapolation, no GFLOP cap -- the original scheme; only up to --old-max channels, it
 takes minutes) next to the new defaults (majorised rows, extrapolation, max_gflop=400).
 
-Setting: a trained-like kernel (power-law spectrum + noise, ddtd.solvers.synthetic.structured_kernel)
+Setting: a trained-like kernel (power-law spectrum + noise, tests/synthetic.py: structured_kernel)
 and the centred covariance Sigma of unfolded 3x3 patches of synthetic ReLU activations
 (activation_sigma).  CP-ALS-Sigma (cp3, float64, up to --als-iter iterations) is the start and sets
 delta^2 = its Sigma error; stable CP minimises the sensitivity at that error.

@@ -388,9 +388,10 @@ def relative_sigma_error(weight, approx, sigma) -> float:
     s3 = sigma if sigma.dim() == 3 else sigma[None]
     W = weight.to(torch.float64).reshape(g, weight.shape[0] // g, -1)
     E = W - approx.to(torch.float64).reshape(W.shape)
-    num = sum(torch.trace(E[i] @ s3[i] @ E[i].T) for i in range(g))
-    den = sum(torch.trace(W[i] @ s3[i] @ W[i].T) for i in range(g))
-    return float(num / den) if den > 0 else 0.0
+    num = float(sum(torch.trace(E[i] @ s3[i] @ E[i].T) for i in range(g)))
+    den = float(sum(torch.trace(W[i] @ s3[i] @ W[i].T) for i in range(g)))
+    # both are quadratic forms in a PSD matrix: a negative value is rounding of a (near) zero one
+    return max(num, 0.0) / den if den > 0 else 0.0
 
 
 def _lrs_heldout_split(weight, sigma, budget, cfg: LRSConfig, name, groups, holdout, kw):
