@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .solvers.formats import param_count, rank_for_budget
+from .solvers.formats import param_count, rank_for_budget, tt_matrix_macs, tt_matrix_modes, tt_ranks
 
 __all__ = [
     "Ratio",
@@ -119,6 +119,13 @@ def format_macs(fmt: str, shape: LayerShape, ranks) -> int:
     if fmt == "cp4":
         mid = math.sqrt(pin * pout)  # after the k x 1 conv: output rows, input columns
         return g * int(ranks) * (S * pin + kh * mid + kw * pout + T * pout)
+    if fmt == "tt":
+        rs = tt_ranks(T, S, kh, kw, ranks)
+        if kh * kw > 1:  # seed 003, Table 6.1: 1x1 at the input resolution, the rest as cp4
+            R1, R2, R3 = rs
+            mid = math.sqrt(pin * pout)
+            return g * int(S * R1 * pin + kh * R1 * R2 * mid + kw * R2 * R3 * pout + R3 * T * pout)
+        return g * tt_matrix_macs(*tt_matrix_modes(T, S, len(rs) + 1), rs) * pout
     raise InputError(f"unknown format {fmt!r}")
 
 
@@ -218,6 +225,11 @@ def check_rank_request(rank):
 
 def _check_explicit(fmt, ranks, T, S, kh, kw, name):
     D = S * kh * kw
+    if fmt == "tt":
+        rs = ranks if isinstance(ranks, tuple) else (ranks,)
+        if any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in rs):
+            raise InputError(f"layer '{name}': tt ranks must be ints >= 1, got {ranks}", hint="e.g. 16")
+        return
     if fmt == "tucker2":
         r1, r2 = ranks if isinstance(ranks, tuple) else (ranks, ranks)  # an int R is (R, R)
         if not (1 <= r1 <= T and 1 <= r2 <= S):
