@@ -3,7 +3,7 @@
 A *method* turns one layer's weight and input covariance into factors (a pure solver from
 :mod:`ddtd.solvers`) and factors into modules (a builder from :mod:`ddtd.layers`). Each method
 has one validated config dataclass (``SvdConfig``, ``Tucker2Config``, ``CPConfig``,
-``StableCPConfig``, ``LRSConfig``, ``SparseConfig``; ``AutoConfig`` compares several), registered
+``StableCPConfig``, ``LRSConfig``, ``SparseConfig``, ``TTConfig``; ``AutoConfig`` compares several), registered
 in :data:`METHODS` with its solver and the layer format it builds. Every solver is given the
 covariance (the Sigma norm) or ``None`` (the Frobenius norm, the baseline).
 """
@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from .errors import InputError
-from .layers import format_applies, layer_dims
-from .solvers import cp_als, damp, default_damping, sigma_svd, tucker2
+from .layers import FORMATS, format_applies, layer_dims
+from .solvers import cp_als, damp, default_damping, sigma_svd, tt_conv, tt_matrix, tucker2
+from .solvers.formats import tt_matrix_modes, tt_params, tt_rank_for_budget
 
-__all__ = ["MethodConfig", "SvdConfig", "Tucker2Config", "CPConfig", "StableCPConfig", "LRSConfig", "SparseConfig",
+__all__ = ["MethodConfig", "SvdConfig", "Tucker2Config", "CPConfig", "StableCPConfig", "LRSConfig", "SparseConfig", "TTConfig",
            "AutoConfig", "Method", "Fit", "METHODS", "get_method", "applicable", "relative_sigma_error",
            "with_settings", "method_configs", "default_config", "stable_version"]
 
@@ -172,6 +173,55 @@ class LRSConfig(MethodConfig):
 
 
 @dataclass(frozen=True)
+class TTConfig(MethodConfig):
+    """Tensor train in the Sigma norm (TT-ALS-Sigma, :mod:`ddtd.solvers.tt`): a ``k x k`` conv
+    becomes the TT convolution (1x1 ``S -> R1``, ``k x 1``, ``1 x k``, 1x1 ``R3 -> T``), a Linear
+    layer or 1x1 conv a TT-matrix (:class:`ddtd.layers.TTMatrix`).
+
+    Attributes:
+        cores: number of TT-matrix cores (modes: balanced factors of ``T`` and ``D``).
+        out_modes / in_modes: explicit TT-matrix modes (only for layers whose sizes they
+            factor; others use the balanced ones).  The planned size is kept: the ranks are
+            re-sized to the same parameter budget for the chosen modes.
+        max_iter, tol: ALS iterations and the relative-decrease stop; cg_max_iter: CG steps per
+            core update.
+    """
+
+    cores: int = 3
+    out_modes: tuple | None = None
+    in_modes: tuple | None = None
+    max_iter: int = 20
+    tol: float = 1e-5
+    cg_max_iter: int = 10
+
+    name: ClassVar[str] = "tt"
+
+    def __post_init__(self):
+        if isinstance(self.cores, bool) or not isinstance(self.cores, int) or self.cores < 2:
+            raise InputError(f"tt: cores must be an int >= 2, got {self.cores!r}", hint="e.g. 3")
+        for k in ("out_modes", "in_modes"):
+            v = getattr(self, k)
+            if v is not None:
+                if not isinstance(v, (tuple, list)) or len(v) < 2 or any(
+                        isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in v):
+                    raise InputError(f"tt: {k} must be ints >= 1 (at least two), got {v!r}", hint="e.g. (8, 8, 8)")
+                object.__setattr__(self, k, tuple(v))
+        if (self.out_modes is None) != (self.in_modes is None) or (
+                self.out_modes is not None and len(self.out_modes) != len(self.in_modes)):
+            raise InputError("tt: give out_modes and in_modes together, with as many of each",
+                             hint="e.g. out_modes=(8, 8, 8), in_modes=(4, 8, 8)")
+        if isinstance(self.cg_max_iter, bool) or not isinstance(self.cg_max_iter, int) or self.cg_max_iter < 1:
+            raise InputError(f"tt: cg_max_iter must be an int >= 1, got {self.cg_max_iter!r}")
+        super().__post_init__()
+
+    def modes_for(self, T: int, D: int):
+        """The TT-matrix ``(out_modes, in_modes)`` this config gives a ``T x D`` layer."""
+        if self.out_modes is not None and math.prod(self.out_modes) == T and math.prod(self.in_modes) == D:
+            return self.out_modes, self.in_modes
+        return tt_matrix_modes(T, D, self.cores)
+
+
+@dataclass(frozen=True)
 class SparseConfig(MethodConfig):
     """Pruning only, at a storage budget: magnitude pruning in the Frobenius norm; in the Sigma
     norm the largest ``|W_ij| sqrt(Sigma_jj)`` kept and their values re-solved."""
@@ -298,10 +348,11 @@ def applicable(method: str, layer: nn.Module) -> tuple[bool, str]:
     is an SVD with extra layers), and grouped convs need a method that handles groups."""
     T, S, kh, kw, g = layer_dims(layer)
     m = get_method(method)
-    if m.conv_only:
+    if m.conv_only or m.kind in FORMATS:
         ok, why = format_applies(m.kind, layer)
         if not ok:
             return False, why
+    if m.conv_only:
         if kh * kw == 1:
             return False, f"{method} on a 1x1 conv is an SVD with extra layers; use svd"
     if not m.grouped and g > 1:
@@ -452,6 +503,24 @@ def _lrs(weight, sigma, budget, cfg: LRSConfig, *, name=None, groups=None, holdo
     return Fit([res], res.rel_error, list(res.history), _lrs_info(res))
 
 
+def _tt(weight, sigma, ranks, cfg: TTConfig, *, name=None, groups=None, holdout=None):
+    """TT convolution of a ``k x k`` kernel, TT-matrix of a Linear / 1x1 weight, at ``ranks``
+    (the planned ranks for the balanced modes of :data:`ddtd.solvers.formats.DEFAULT_TT_CORES`
+    cores; other modes get the ranks of the same parameter budget)."""
+    opts = dict(max_iter=cfg.max_iter, tol=cfg.tol, cg_max_iter=cfg.cg_max_iter, damping=_damping(cfg, sigma),
+                name=name)
+    T = weight.shape[0]
+    if weight.dim() == 4 and weight.shape[2] * weight.shape[3] > 1:
+        r = tt_conv(weight, sigma, ranks, groups=groups, **opts)
+        return Fit([r.C, r.Y, r.X, r.T], r.rel_error, list(r.history), _diagnostics(r))
+    D = int(math.prod(weight.shape[1:]))
+    modes = cfg.modes_for(T, D)
+    if modes != tt_matrix_modes(T, D, len(ranks) + 1 if isinstance(ranks, (tuple, list)) else cfg.cores):
+        ranks = tt_rank_for_budget(T, D, 1, 1, tt_params(T, D, 1, 1, ranks), modes=modes)
+    r = tt_matrix(weight, sigma, ranks, out_modes=modes[0], in_modes=modes[1], **opts)
+    return Fit(list(r.cores), r.rel_error, list(r.history), _diagnostics(r))
+
+
 def _sparse(weight, sigma, budget, cfg: SparseConfig, *, name=None, groups=None, holdout=None):
     """Pruning only, at a storage budget: the Frobenius norm keeps the largest weights
     (magnitude pruning), the Sigma norm keeps the largest ``|W_ij| sqrt(Sigma_jj)`` and re-solves
@@ -477,6 +546,8 @@ METHODS: dict[str, Method] = {
                          "cp3 of minimal sensitivity at the CP-ALS error (robust to rounding)", kind="cp3"),
     "cp4-stable": Method("cp4-stable", lambda: StableCPConfig("cp4"), _stable_cp, True,
                          "cp4 of minimal sensitivity at the CP-ALS error (robust to rounding)", kind="cp4"),
+    "tt": Method("tt", TTConfig, _tt, False,
+                 "tensor train: 1x1, k x 1, 1 x k, 1x1 for convs; TT-matrix for Linear / 1x1 layers"),
     "lrs": Method("lrs", LRSConfig, _lrs, False, "low rank + sparse (values + int32 indices), same bytes as svd",
                   kind="lrs", sizing="budget"),
     "sparse": Method("sparse", SparseConfig, _sparse, False,

@@ -206,7 +206,7 @@ def test_builder_input_errors_name_the_layer():
     with pytest.raises(InputError, match="ranks must be >= 1"):
         factor_shapes("tucker2", conv, (0, 2))
     with pytest.raises(InputError, match="unknown format"):
-        factor_shapes("tt", conv, 2)
+        factor_shapes("ht", conv, 2)
     with pytest.raises(InputError, match="expected 2 dims"):
         build_svd(nn.Conv2d(6, 4, 3), torch.zeros(2, 4, 2), torch.zeros(2, 2, 54))
 

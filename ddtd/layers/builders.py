@@ -20,6 +20,10 @@ cp3       ``A (T_g, R)``, ``B (S_g, R)``, ``C (kh*kw, R)``  ``K~[t,s,i,j] = sum_
                                                             C[i*kw+j, r]``
 cp4       ``A (T_g, R)``, ``B (S_g, R)``, ``C (kh, R)``,    ``K~[t,s,i,j] = sum_r A[t,r] B[s,r] C[i,r]
           ``E (kw, R)``                                     E[j,r]``
+tt        ``C (S_g, R1)``, ``Y (R1, kh, R2)``,              ``K~[t,s,i,j] = sum C[s,a] Y[a,i,b]
+(conv)    ``X (R2, kw, R3)``, ``T (R3, T_g)``               X[b,j,c] T[c,t]``
+tt        cores ``G_k (r_{k-1}, t_k, d_k, r_k)``            ``W~ = `` the TT-matrix of the cores
+(matrix)  (Linear, ungrouped 1x1 conv)                      (:func:`ddtd.solvers.tt.tt_full`)
 ========  ===============================================  ==========================================
 
 Chains (all plain ``nn.Conv2d`` / ``nn.Linear`` in an ``nn.Sequential``; only the last layer has a
@@ -37,6 +41,10 @@ exact):
 * cp4: ``Conv(S -> g R, 1x1)``, depthwise ``kh x 1`` (stride ``(sh, 1)``, padding ``(ph, 0)``,
   dilation ``(dh, 1)``), depthwise ``1 x kw`` (stride ``(1, sw)``, padding ``(0, pw)``,
   dilation ``(1, dw)``), ``Conv(g R -> T, 1x1)``.
+* tt: the TT convolution ``Conv(S -> g R1, 1x1)``, ``Conv(g R1 -> g R2, kh x 1)``,
+  ``Conv(g R2 -> g R3, 1 x kw)`` (geometry split by axis as cp4), ``Conv(g R3 -> T, 1x1)``, all
+  with ``groups=g``; for a Linear layer or an ungrouped 1x1 conv a
+  :class:`ddtd.layers.tt.TTMatrix` (``nn.Linear`` cores between reshapes).
 
 Why the chains are exact for every padding (zeros, 'same' incl. the asymmetric split of even
 kernels, reflect / replicate / circular):
@@ -67,11 +75,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddtd.errors import InputError, layer_label
-from ddtd.solvers.formats import FORMATS
+from ddtd.solvers.formats import DEFAULT_TT_CORES, FORMATS, tt_matrix_modes
+
+from .tt import TTMatrix, tt_conv_chain
 
 __all__ = [
     "FORMATS", "BUILDERS", "build", "format_applies", "build_svd", "build_tucker2", "build_cp3", "build_cp4",
-    "build_dense", "factorized_weight", "svd_weight", "tucker2_kernel", "cp3_kernel",
+    "build_tt", "build_dense", "factorized_weight", "svd_weight", "tucker2_kernel", "cp3_kernel",
     "cp4_kernel", "dense_forward", "factor_shapes", "count_params", "count_macs", "macs_by_layer",
 ]
 
@@ -113,16 +123,21 @@ def _shape_info(layer: nn.Module) -> tuple[int, int, int, int, int]:
     return layer.out_channels, layer.in_channels, kh, kw, layer.groups
 
 
-def factor_shapes(kind: str, layer: nn.Module, ranks, name: str | None = None) -> list[tuple]:
+def factor_shapes(kind: str, layer: nn.Module, ranks, name: str | None = None, *,
+                  modes=None) -> list[tuple]:
     """Shapes of one group's factors of ``kind`` at ``ranks`` for ``layer`` (see the module table).
 
     ``ranks``: svd ``r``; tucker2 ``(R1, R2)`` (or one int for both); cp3 / cp4 ``R`` (an int or a
-    one-element sequence).  Raises :class:`InputError` for a format that does not apply to the
+    one-element sequence); tt ``(R1, R2, R3)`` for a conv, the ``d - 1`` bond ranks of a
+    TT-matrix (``modes``: its ``(out_modes, in_modes)``, default
+    :func:`ddtd.solvers.formats.tt_matrix_modes` with ``d`` cores); an int is every bond.  Raises :class:`InputError` for a format that does not apply to the
     layer (see the module docstring) or ranks < 1.
     """
     _check_format(kind, layer, name)
     T, S, kh, kw, g = _shape_info(layer)
     Tg, Sg = T // g, S // g
+    if kind == "tt":
+        return _tt_shapes(layer, ranks, modes, name)
     r = _ranks(kind, ranks, name)
     if kind == "svd":
         return [(Tg, r[0]), (r[0], Sg * kh * kw)]
@@ -134,13 +149,27 @@ def factor_shapes(kind: str, layer: nn.Module, ranks, name: str | None = None) -
     return [(Tg, r[0]), (Sg, r[0]), (kh, r[0]), (kw, r[0])]
 
 
+def _is_matrix(layer: nn.Module) -> bool:
+    """A Linear layer or a 1x1 conv: the ``tt`` format is a TT-matrix there."""
+    return isinstance(layer, nn.Linear) or tuple(layer.kernel_size) == (1, 1)
+
+
 def format_applies(kind: str, layer: nn.Module) -> tuple[bool, str]:
-    """Can the factor format ``kind`` represent ``layer``? ``(ok, reason if not)``: tucker2 and
-    cp need a conv kernel with several input channels per group (a Linear layer has no spatial
-    modes; with one input channel per group, e.g. depthwise, the chain only adds parameters)."""
+    """Can the factor format ``kind`` represent ``layer``? ``(ok, reason if not)``: tucker2, cp
+    and the TT convolution need a conv kernel with several input channels per group (a Linear
+    layer has no spatial modes; with one input channel per group, e.g. depthwise, the chain only
+    adds parameters); the TT-matrix takes a Linear layer or an ungrouped, unpadded 1x1 conv."""
     if kind == "svd":
         return True, ""
     T, S, kh, kw, g = _shape_info(layer)
+    if kind == "tt" and _is_matrix(layer):
+        if isinstance(layer, nn.Linear):
+            return True, ""
+        if g > 1:
+            return False, "a TT-matrix does not split groups: grouped 1x1 convs are left to svd"
+        if not isinstance(layer.padding, str) and any(layer.padding):
+            return False, "a TT-matrix replaces a 1x1 conv without padding"
+        return True, ""
     if isinstance(layer, nn.Linear):
         return False, f"format '{kind}' needs a conv kernel; a Linear layer has no spatial modes"
     if S // g == 1:
@@ -220,10 +249,16 @@ def _grouped_factors(kind: str, layer: nn.Module, factors: Sequence, names: Sequ
     """
     _check_format(kind, layer, name)
     T, S, kh, kw, g = _shape_info(layer)
-    ndims = {"svd": (2, 2), "tucker2": (2, 4, 2), "cp3": (2, 2, 2), "cp4": (2, 2, 2, 2)}[kind]
+    ndims = {"svd": (2, 2), "tucker2": (2, 4, 2), "cp3": (2, 2, 2), "cp4": (2, 2, 2, 2),
+             "tt": (2, 3, 3, 2)}[kind]
+    if len(factors) != len(ndims):
+        raise InputError(f"{layer_label(name)}: format '{kind}' takes {len(ndims)} factors, got {len(factors)}",
+                         hint="pass the factors exactly as the solver returned them")
     per = [_per_group(f, g, nd, n, name) for f, nd, n in zip(factors, ndims, names)]
     first = [p[0] for p in per]
-    if kind == "svd":
+    if kind == "tt":
+        ranks = (first[0].shape[1], first[1].shape[2], first[2].shape[2])
+    elif kind == "svd":
         ranks = first[0].shape[1]
     elif kind == "tucker2":
         ranks = (first[0].shape[1], first[2].shape[1])
@@ -413,6 +448,70 @@ def build_cp4(layer: nn.Conv2d, A, B, C, E, bias: torch.Tensor | None = None, *,
         _conv(g * R, T, 1, torch.cat(As), b, groups=g))
 
 
+def _tt_shapes(layer: nn.Module, ranks, modes, name: str | None) -> list[tuple]:
+    T, S, kh, kw, g = _shape_info(layer)
+    Tg, Sg = T // g, S // g
+    one = isinstance(ranks, int) and not isinstance(ranks, bool)
+    if _is_matrix(layer):
+        om, im = tt_matrix_modes(Tg, Sg * kh * kw, DEFAULT_TT_CORES if one else len(ranks) + 1,
+                                 *(modes if modes is not None else (None, None)))
+        rs = [int(ranks)] * (len(om) - 1) if one else [int(r) for r in ranks]
+        if len(rs) != len(om) - 1 or min(rs, default=1) < 1:
+            raise InputError(f"{layer_label(name)}: TT-matrix ranks {ranks} for {len(om)} cores",
+                             hint="one int >= 1 per bond")
+        rs = [1] + rs + [1]
+        return [(rs[k], t, d, rs[k + 1]) for k, (t, d) in enumerate(zip(om, im))]
+    rs = [int(ranks)] * 3 if one else [int(r) for r in ranks]
+    if len(rs) != 3 or min(rs) < 1:
+        raise InputError(f"{layer_label(name)}: a TT convolution takes ranks (R1, R2, R3), got {ranks}",
+                         hint="three ints >= 1, or one for all three")
+    R1, R2, R3 = rs
+    return [(Sg, R1), (R1, kh, R2), (R2, kw, R3), (R3, Tg)]
+
+
+def _tt_matrix_cores(layer: nn.Module, cores, name: str | None) -> list[torch.Tensor]:
+    """TT-matrix cores validated against ``layer`` (shapes from their own ranks and modes)."""
+    if not cores or not all(isinstance(c, torch.Tensor) and c.dim() == 4 for c in cores):
+        raise InputError(f"{layer_label(name)}: a TT-matrix takes 4-D cores (r_{{k-1}}, t_k, d_k, r_k)",
+                         hint="pass the cores as tt_matrix returned them")
+    modes = ([c.shape[1] for c in cores], [c.shape[2] for c in cores])
+    want = factor_shapes("tt", layer, [c.shape[3] for c in cores[:-1]], name, modes=modes)
+    dev, dt = layer.weight.device, layer.weight.dtype
+    for k, (c, w) in enumerate(zip(cores, want)):
+        if tuple(c.shape) != tuple(w):
+            raise InputError(f"{layer_label(name)}: TT-matrix core {k} has shape {tuple(c.shape)}, expected {w}",
+                             hint="check that the cores belong to this layer")
+        if not torch.isfinite(c).all():
+            raise InputError(f"{layer_label(name)}: TT-matrix core {k} contains NaN or Inf",
+                             hint="re-run the solver for this layer (more damping) or leave it dense")
+    return [c.detach().to(device=dev, dtype=dt) for c in cores]
+
+
+def build_tt(layer: nn.Module, *factors, bias: torch.Tensor | None = None,
+             name: str | None = None) -> nn.Module:
+    """The ``tt`` replacement of ``layer`` (see the module docstring).
+
+    Args:
+        layer: a ``kh x kw`` ``nn.Conv2d`` (``S/g >= 2``): factors ``C (S_g, R1)``,
+            ``Y (R1, kh, R2)``, ``X (R2, kw, R3)``, ``T (R3, T_g)`` (grouped: ``g`` of each);
+            a Linear layer or an ungrouped unpadded 1x1 conv: the TT-matrix cores
+            ``G_k (r_{k-1}, t_k, d_k, r_k)`` (modes read from the cores).
+        bias: ``(T,)`` replacing the layer's bias; ``None`` keeps it.
+
+    Returns:
+        The TT-convolution ``nn.Sequential`` of four ``nn.Conv2d``, or a
+        :class:`ddtd.layers.tt.TTMatrix`.
+    """
+    _check_format("tt", layer, name)
+    b = _final_bias(layer, bias, name)
+    if _is_matrix(layer):
+        cores = _tt_matrix_cores(layer, list(factors), name)
+        conv = isinstance(layer, nn.Conv2d)
+        return TTMatrix.from_cores(cores, b, conv=conv, stride=layer.stride if conv else (1, 1), name=name)
+    Cs, Ys, Xs, Ts = _grouped_factors("tt", layer, list(factors), ["C", "Y", "X", "T"], name)
+    return tt_conv_chain(layer, Cs, Ys, Xs, Ts, b, _conv)
+
+
 def build_dense(layer: nn.Module, weight: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None, *, name: str | None = None) -> nn.Module:
     """A new layer of the same type and geometry ("leave dense"), optionally with a new weight
@@ -435,7 +534,7 @@ def build_dense(layer: nn.Module, weight: torch.Tensor | None = None,
                  groups=layer.groups, **_geometry(layer))
 
 
-BUILDERS = {"svd": build_svd, "tucker2": build_tucker2, "cp3": build_cp3, "cp4": build_cp4}
+BUILDERS = {"svd": build_svd, "tucker2": build_tucker2, "cp3": build_cp3, "cp4": build_cp4, "tt": build_tt}
 
 
 def build(kind: str, layer: nn.Module, factors: Sequence, bias: torch.Tensor | None = None, *,
@@ -480,9 +579,14 @@ def factorized_weight(layer: nn.Module, kind: str, *factors,
     """The dense weight that the factors of ``kind`` represent, shaped like ``layer.weight``:
     ``(T, S/g, kh, kw)`` for a conv (groups stacked along ``T``), ``(T, D)`` for a Linear; in
     the layer's dtype / device.  Factors are validated as by the builders."""
-    names = {"svd": "AB", "tucker2": "UGV", "cp3": "ABC", "cp4": "ABCE"}.get(kind)
+    names = {"svd": "AB", "tucker2": "UGV", "cp3": "ABC", "cp4": "ABCE", "tt": "CYXT"}.get(kind)
     if names is None:
         raise InputError(f"{layer_label(name)}: unknown format {kind!r}", hint=f"use one of {FORMATS}")
+    if kind == "tt" and _is_matrix(layer):
+        from ddtd.solvers.tt import tt_full
+
+        _check_format(kind, layer, name)
+        return tt_full(_tt_matrix_cores(layer, list(factors), name)).reshape(layer.weight.shape)
     per = _grouped_factors(kind, layer, list(factors), list(names), name)
     T, S, kh, kw, g = _shape_info(layer)
     blocks = []
@@ -491,6 +595,8 @@ def factorized_weight(layer: nn.Module, kind: str, *factors,
             blocks.append(svd_weight(*fs))
         elif kind == "tucker2":
             blocks.append(tucker2_kernel(*fs))
+        elif kind == "tt":
+            blocks.append(torch.einsum("sa,ayb,bxc,ct->tsyx", *fs))
         elif kind == "cp3":
             blocks.append(cp3_kernel(*fs, (kh, kw)))
         else:

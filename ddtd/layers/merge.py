@@ -1,7 +1,7 @@
 """Merge a compressed layer back into one dense layer, to compress a compressed model further.
 
-A factor chain built by ddtd (svd, tucker2, cp3, cp4: ``nn.Conv2d`` / ``nn.Linear`` layers with
-no nonlinearity between them) or a :class:`~ddtd.layers.sparse.LowRankSparse` layer computes an
+A factor chain built by ddtd (svd, tucker2, cp3, cp4, tt: ``nn.Conv2d`` / ``nn.Linear`` layers
+with no nonlinearity between them, or a :class:`~ddtd.layers.tt.TTMatrix`) or a :class:`~ddtd.layers.sparse.LowRankSparse` layer computes an
 affine map ``y = W~ x + b`` of the original layer's geometry. :func:`merged_layer` recovers
 ``W~`` and ``b`` exactly (float rounding aside) by probing: the chain with every padding set to
 zero, applied to one-hot patches of the kernel's extent (a batch of ``S kh kw`` inputs of size
@@ -88,7 +88,7 @@ def merge_compressed(model: nn.Module, records: list[dict]) -> list[dict]:
     sparse layers stay as they are."""
     done = []
     for rec in records:
-        if rec.get("kind") in ("svd", "tucker2", "cp3", "cp4") and rec["name"] not in {d["name"] for d in done}:
+        if rec.get("kind") in ("svd", "tucker2", "cp3", "cp4", "tt") and rec["name"] not in {d["name"] for d in done}:
             chain = get_module(model, rec["name"])
             if isinstance(chain, (nn.Conv2d, nn.Linear)):
                 continue  # already dense

@@ -3,9 +3,11 @@ architecture plus a state dict loaded with ``torch.load(..., weights_only=True)`
 
 A record is a dict of str / int / bool / list / None only:
 
-* replacement: ``{"kind": "svd" | "tucker2" | "cp3" | "cp4" | "dense", "name": qualified name,
-  "layer": <geometry of the original layer>, "ranks": [ints] (svd / cp: ``[r]``, tucker2:
-  ``[R1, R2]``, dense: ``[]``), "bias": whether the replacement's last layer has a bias}``;
+* replacement: ``{"kind": "svd" | "tucker2" | "cp3" | "cp4" | "tt" | "dense", "name": qualified
+  name, "layer": <geometry of the original layer>, "ranks": [ints] (svd / cp: ``[r]``, tucker2:
+  ``[R1, R2]``, tt: ``[R1, R2, R3]`` or a TT-matrix's bond ranks, dense: ``[]``), "bias":
+  whether the replacement's last layer has a bias}``, plus ``"modes": [out_modes, in_modes]``
+  for a TT-matrix;
   geometry: ``{"type": "Conv2d", "in_channels", "out_channels", "kernel_size": [kh, kw],
   "stride": [..], "padding": [..] | "same" | "valid", "dilation": [..], "groups",
   "padding_mode", "bias"}`` or ``{"type": "Linear", "in_features", "out_features", "bias"}``.
@@ -35,6 +37,7 @@ from ddtd.errors import InputError
 
 from .builders import FORMATS, build, factor_shapes
 from .surgery import get_module, set_module
+from .tt import TTMatrix
 
 __all__ = ["KINDS", "layer_spec", "describe_replacement", "describe_fold", "describe_split", "fold_records",
            "replace_layer", "apply_replacements"]
@@ -63,27 +66,33 @@ def layer_spec(layer: nn.Module, name: str | None = None) -> dict:
                      hint="only nn.Conv2d and nn.Linear layers are replaced")
 
 
-def _norm_ranks(kind: str, ranks, layer: nn.Module, name: str) -> list[int]:
+def _norm_ranks(kind: str, ranks, layer: nn.Module, name: str, modes=None) -> list[int]:
     if kind in ("dense", "lrs"):
         if ranks not in (None, [], ()):
             raise InputError(f"layer '{name}': a dense record takes no ranks, got {ranks!r}",
                              hint="pass ranks=None for kind 'dense'")
         return []
-    shapes = factor_shapes(kind, layer, ranks, name)   # validates kind / layer / ranks
+    shapes = factor_shapes(kind, layer, ranks, name, modes=modes)   # validates kind / layer / ranks
+    if kind == "tt":
+        return [int(s[-1]) for s in shapes[:-1]] if len(shapes[0]) == 4 else \
+            [int(shapes[0][1]), int(shapes[1][2]), int(shapes[2][2])]
     if kind == "tucker2":
         return [int(shapes[0][1]), int(shapes[2][1])]
     return [int(shapes[0][1])]
 
 
 def describe_replacement(name: str, kind: str, layer: nn.Module, ranks=None, *,
-                         bias: bool | None = None) -> dict:
+                         bias: bool | None = None, modes=None) -> dict:
     """Record of replacing the layer ``name`` (the original ``layer``) by a ``kind`` chain.
 
     Args:
         name: qualified module name in the model.
         kind: ``'svd'``, ``'tucker2'``, ``'cp3'``, ``'cp4'`` or ``'dense'``.
         layer: the original ``nn.Conv2d`` / ``nn.Linear`` (before replacement).
-        ranks: svd / cp3 / cp4 an int (per group), tucker2 ``(R1, R2)`` or one int, dense None.
+        ranks: svd / cp3 / cp4 an int (per group), tucker2 ``(R1, R2)`` or one int, tt
+            ``(R1, R2, R3)`` (conv) or the bond ranks of a TT-matrix, dense None.
+        modes: a TT-matrix's ``(out_modes, in_modes)``, recorded as ``"modes"`` (default:
+            :func:`ddtd.solvers.formats.tt_matrix_modes` with one core more than ranks).
         bias: whether the replacement carries a bias; default: whether ``layer`` has one.  A
             corrected bias given to a builder for a bias-free layer makes this ``True``.
     """
@@ -94,8 +103,11 @@ def describe_replacement(name: str, kind: str, layer: nn.Module, ranks=None, *,
     if spec["bias"] and not has_bias:
         raise InputError(f"layer '{name}': the layer has a bias, so its replacement keeps one",
                          hint="pass bias=True or leave bias=None")
-    return {"name": str(name), "kind": kind, "layer": spec,
-            "ranks": _norm_ranks(kind, ranks, layer, name), "bias": has_bias}
+    rec = {"name": str(name), "kind": kind, "layer": spec,
+           "ranks": _norm_ranks(kind, ranks, layer, name, modes), "bias": has_bias}
+    if kind == "tt" and modes is not None:
+        rec["modes"] = [[int(t) for t in modes[0]], [int(d) for d in modes[1]]]
+    return rec
 
 
 def describe_fold(conv_name: str, bn_name: str) -> dict:
@@ -132,15 +144,21 @@ def replace_layer(model: nn.Module, name: str, kind: str, factors: Sequence = ()
         set_module(model, name, new)
         return rec
     new = build(kind, layer, list(factors), bias, name=name)
+    modes = None
     if kind == "dense":
         ranks = None
+    elif kind == "tt" and isinstance(new, TTMatrix):
+        ranks, modes = list(new.ranks), (new.out_modes, new.in_modes)
+    elif kind == "tt":
+        ranks = [new[0].out_channels // new[0].groups, new[1].out_channels // new[1].groups,
+                 new[2].out_channels // new[2].groups]
     elif kind == "tucker2":
         ranks = [new[1].out_channels // new[1].groups, new[0].out_channels // new[0].groups]
     else:
         ranks = new[0].out_features if isinstance(new[0], nn.Linear) \
             else new[0].out_channels // new[0].groups
-    last = new if kind == "dense" else new[-1]
-    rec = describe_replacement(name, kind, layer, ranks, bias=last.bias is not None)
+    last = new if kind == "dense" or isinstance(new, TTMatrix) else new[-1]
+    rec = describe_replacement(name, kind, layer, ranks, bias=last.bias is not None, modes=modes)
     set_module(model, name, new)
     return rec
 
@@ -213,7 +231,8 @@ def _apply_one(model: nn.Module, rec: dict) -> None:
         factors = []
     else:
         g = layer.groups if isinstance(layer, nn.Conv2d) else 1
-        shapes = factor_shapes(kind, layer, rec["ranks"], name)
+        modes = rec.get("modes") if kind == "tt" else None
+        shapes = factor_shapes(kind, layer, rec["ranks"], name, modes=modes)
         factors = [torch.zeros((g, *s) if g > 1 else s, dtype=dt, device=dev) for s in shapes]
     set_module(model, name, build(kind, layer, factors, bias, name=name))
 
