@@ -215,6 +215,52 @@ def bench_tucker(T, S, R1, R2, iters, peak):
 F64 = torch.float64
 
 
+def bench_tt(T, S, R, iters, tl):
+    """TT rows: tensorly's ``tensor_train`` / ``tensor_train_matrix`` against ddtd's TT-SVD at
+    equal ranks (Frobenius), then ddtd's ALS in Frobenius and TT-ALS-Sigma."""
+    from tensorly.decomposition import tensor_train, tensor_train_matrix
+
+    from ddtd.solvers import tt_conv, tt_full, tt_matrix, tt_matrix_svd, tt_svd
+    from ddtd.solvers.formats import tt_matrix_modes
+
+    K = structured_kernel(T, S, 3, seed=1)
+    D = S * 9
+    Sig = activation_sigma(S, 3, n_images=max(32, (3 * D) // 196 + 1), size=14, seed=0)
+    log(f"\nTT convolution: kernel ({T}, {S}, 3, 3), ranks ({R}, {R}, {R}); Sigma {D}x{D} from activations")
+    header()
+    X = K.permute(1, 2, 3, 0).contiguous()                 # (s, y, x, t): the TT-conv order
+    t = time.perf_counter()
+    cores = tensor_train(X.double(), rank=[1, R, R, R, 1])
+    tl_s = time.perf_counter() - t
+    Kh = torch.einsum("asb,byc,cxd,dte->tsyx", *[c for c in cores])
+    row("tensorly tensor_train", 1, tl_s, *errs(K, Kh, Sig))
+    t = time.perf_counter()
+    ours = tt_svd(X, R)
+    s = time.perf_counter() - t
+    row("ddtd tt_svd", 1, s, *errs(K, torch.einsum("asb,byc,cxd,dte->tsyx", *ours), Sig), ref=tl_s)
+    for name, sg in (("ddtd tt_conv frobenius (ALS)", None), ("ddtd tt_conv sigma (TT-ALS-Sigma)", Sig)):
+        t = time.perf_counter()
+        r = tt_conv(K, sg, R, max_iter=iters)
+        row(name, r.n_iter, time.perf_counter() - t, *errs(K, r.kernel(), Sig))
+    W = K[:, :, 1, 1].contiguous()                          # a (T, S) matrix, as a 1x1 conv
+    Sm = Sig.reshape(S, 9, S, 9)[:, 4, :, 4].contiguous()
+    om, im = tt_matrix_modes(T, S)
+    log(f"\nTT-matrix: ({T} x {S}) = {om} x {im}, ranks ({R // 4}, {R // 4}); Sigma: the centre tap's")
+    header()
+    t = time.perf_counter()
+    ct = tensor_train_matrix(W.double().reshape(*om, *im), [1, R // 4, R // 4, 1])
+    tl_s = time.perf_counter() - t
+    Wt = tl.tt_matrix_to_tensor(ct).reshape(T, S)
+    row("tensorly tensor_train_matrix", 1, tl_s, *errs(W, Wt, Sm))
+    t = time.perf_counter()
+    Wo = tt_full(tt_matrix_svd(W, om, im, R // 4))
+    row("ddtd tt_matrix_svd", 1, time.perf_counter() - t, *errs(W, Wo, Sm), ref=tl_s)
+    for name, sg in (("ddtd tt_matrix frobenius (ALS)", None), ("ddtd tt_matrix sigma (TT-ALS-Sigma)", Sm)):
+        t = time.perf_counter()
+        r = tt_matrix(W, sg, R // 4, max_iter=iters)
+        row(name, r.n_iter, time.perf_counter() - t, *errs(W, r.matrix(), Sm))
+
+
 def natural_crops(n: int, size: int, seed: int) -> tuple[torch.Tensor, str]:
     """``(n, 3, size, size)`` ImageNet-normalised random crops of scikit-image's bundled colour
     photographs (random scale 0.35-1 of the shorter side, random horizontal flip)."""
@@ -407,7 +453,9 @@ def main():
         if args.quick:
             bench_cp(128, 128, 64, iters, peak, tl)
             bench_tucker(256, 256, 64, 64, 20, peak)
+            bench_tt(128, 128, 32, 10, tl)
         else:
+            bench_tt(256, 256, 64, 20, tl)
             bench_cp(256, 256, 128, iters, peak, tl)
             bench_cp(512, 512, 256, iters, peak, tl)
             bench_tucker(512, 512, 128, 128, 25, peak)

@@ -433,19 +433,29 @@ def build_cp4(layer: nn.Conv2d, A, B, C, E, bias: torch.Tensor | None = None, *,
     b = _final_bias(layer, bias, name)
     T, S, kh, kw, g = _shape_info(layer)
     R = As[0].shape[1]
+    geo_h, geo_w = axis_geometry(layer)
+    return nn.Sequential(
+        _conv(S, g * R, 1, torch.cat([Bk.T for Bk in Bs]), None, groups=g),
+        _conv(g * R, g * R, (kh, 1), torch.cat([Ck.T.reshape(R, 1, kh, 1) for Ck in Cs]), None,
+              groups=g * R, **geo_h),
+        _conv(g * R, g * R, (1, kw), torch.cat([Ek.T.reshape(R, 1, 1, kw) for Ek in Es]), None,
+              groups=g * R, **geo_w),
+        _conv(g * R, T, 1, torch.cat(As), b, groups=g))
+
+
+def axis_geometry(layer: nn.Conv2d) -> tuple[dict, dict]:
+    """The geometry of the ``kh x 1`` and the ``1 x kw`` convs that split ``layer``'s kernel by
+    axis: stride ``(sh, 1)`` / ``(1, sw)``, padding ``(ph, 0)`` / ``(0, pw)`` (or the same
+    ``'same'`` / ``'valid'``), dilation ``(dh, 1)`` / ``(1, dw)``, the original padding mode
+    (exact, see the module docstring)."""
     (sh, sw), (dh, dw), mode = layer.stride, layer.dilation, layer.padding_mode
     if isinstance(layer.padding, str):
         pad_h = pad_w = layer.padding
     else:
         ph, pw = layer.padding
         pad_h, pad_w = (ph, 0), (0, pw)
-    return nn.Sequential(
-        _conv(S, g * R, 1, torch.cat([Bk.T for Bk in Bs]), None, groups=g),
-        _conv(g * R, g * R, (kh, 1), torch.cat([Ck.T.reshape(R, 1, kh, 1) for Ck in Cs]), None,
-              stride=(sh, 1), padding=pad_h, dilation=(dh, 1), groups=g * R, padding_mode=mode),
-        _conv(g * R, g * R, (1, kw), torch.cat([Ek.T.reshape(R, 1, 1, kw) for Ek in Es]), None,
-              stride=(1, sw), padding=pad_w, dilation=(1, dw), groups=g * R, padding_mode=mode),
-        _conv(g * R, T, 1, torch.cat(As), b, groups=g))
+    return (dict(stride=(sh, 1), padding=pad_h, dilation=(dh, 1), padding_mode=mode),
+            dict(stride=(1, sw), padding=pad_w, dilation=(1, dw), padding_mode=mode))
 
 
 def _tt_shapes(layer: nn.Module, ranks, modes, name: str | None) -> list[tuple]:
@@ -509,7 +519,7 @@ def build_tt(layer: nn.Module, *factors, bias: torch.Tensor | None = None,
         conv = isinstance(layer, nn.Conv2d)
         return TTMatrix.from_cores(cores, b, conv=conv, stride=layer.stride if conv else (1, 1), name=name)
     Cs, Ys, Xs, Ts = _grouped_factors("tt", layer, list(factors), ["C", "Y", "X", "T"], name)
-    return tt_conv_chain(layer, Cs, Ys, Xs, Ts, b, _conv)
+    return tt_conv_chain(layer, Cs, Ys, Xs, Ts, b, _conv, axis_geometry(layer))
 
 
 def build_dense(layer: nn.Module, weight: torch.Tensor | None = None,

@@ -131,23 +131,18 @@ class TTMatrix(nn.Module):
         return m
 
 
-def tt_conv_chain(layer: nn.Conv2d, Cs, Ys, Xs, Ts, bias, conv_factory) -> nn.Sequential:
+def tt_conv_chain(layer: nn.Conv2d, Cs, Ys, Xs, Ts, bias, conv_factory, geometry) -> nn.Sequential:
     """The TT-convolution chain (module docstring) from per-group factor lists;
-    ``conv_factory`` builds one ``nn.Conv2d`` from ``(in, out, kernel, weight, bias, **geometry)``."""
-    T, S = layer.out_channels, layer.in_channels
-    g = layer.groups
-    (sh, sw), (dh, dw), mode = layer.stride, layer.dilation, layer.padding_mode
+    ``conv_factory`` builds one ``nn.Conv2d`` from ``(in, out, kernel, weight, bias, **geometry)``,
+    ``geometry`` is the ``(kh x 1, 1 x kw)`` pair of :func:`ddtd.layers.builders.axis_geometry`."""
+    T, S, g = layer.out_channels, layer.in_channels, layer.groups
     kh, kw = layer.kernel_size
-    if isinstance(layer.padding, str):
-        pad_h = pad_w = layer.padding
-    else:
-        ph, pw = layer.padding
-        pad_h, pad_w = (ph, 0), (0, pw)
+    geo_h, geo_w = geometry
     R1, R2, R3 = Cs[0].shape[1], Ys[0].shape[2], Xs[0].shape[2]
     return nn.Sequential(
         conv_factory(S, g * R1, 1, torch.cat([C.T for C in Cs]), None, groups=g),
         conv_factory(g * R1, g * R2, (kh, 1), torch.cat([Y.permute(2, 0, 1).reshape(R2, R1, kh, 1) for Y in Ys]),
-                     None, stride=(sh, 1), padding=pad_h, dilation=(dh, 1), groups=g, padding_mode=mode),
+                     None, groups=g, **geo_h),
         conv_factory(g * R2, g * R3, (1, kw), torch.cat([X.permute(2, 0, 1).reshape(R3, R2, 1, kw) for X in Xs]),
-                     None, stride=(1, sw), padding=pad_w, dilation=(1, dw), groups=g, padding_mode=mode),
+                     None, groups=g, **geo_w),
         conv_factory(g * R3, T, 1, torch.cat([Tk.T for Tk in Ts]), bias, groups=g))
