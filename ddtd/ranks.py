@@ -121,7 +121,7 @@ def format_macs(fmt: str, shape: LayerShape, ranks) -> int:
         return g * int(ranks) * (S * pin + kh * mid + kw * pout + T * pout)
     if fmt == "tt":
         rs = tt_ranks(T, S, kh, kw, ranks)
-        if kh * kw > 1:  # seed 003, Table 6.1: 1x1 at the input resolution, the rest as cp4
+        if kh * kw > 1:  # Sainz de la Maza Gamboa, Table 6.1 (ddtd.solvers.formats): 1x1 at the input resolution, the rest as cp4
             R1, R2, R3 = rs
             mid = math.sqrt(pin * pout)
             return g * int(S * R1 * pin + kh * R1 * R2 * mid + kw * R2 * R3 * pout + R3 * T * pout)

@@ -16,8 +16,9 @@ tt       conv: ``(R1, R2, R3)``           ``S*R1 + kh*R1*R2 + kw*R2*R3 + R3*T``
 tt       1x1 / Linear: ``(r_1..r_{d-1})`` ``sum_k r_{k-1} t_k d_k r_k``
 ======== ================================ ====================================
 
-``tt`` is the tensor train of the layer's weight: the TT convolution (seed 003, Table 6.1:
-``C R3 + d R3 R + d R4 R + R4 T`` with ranks ``(R3, R, R4)`` there) for a ``kh x kw > 1`` kernel,
+``tt`` is the tensor train of the layer's weight: the TT convolution (U. Sainz de la Maza
+Gamboa, "Tensor Decompositions for Neural Networks Compression", Master's thesis, UPV/EHU,
+Table 6.1: ``C R3 + d R3 R + d R4 R + R4 T`` with ranks ``(R3, R, R4)`` there) for a ``kh x kw > 1`` kernel,
 the TT-matrix (Novikov et al., "Tensorizing Neural Networks", NeurIPS 2015) of ``W (T x D)``
 with modes ``T = t_1..t_d``, ``D = d_1..d_d`` (default :func:`tt_matrix_modes`) and ``r_0 = r_d
 = 1`` for a Linear layer or a 1x1 conv.  Ranks are given as one int (every bond) or one per

@@ -6,7 +6,10 @@ Networks", NeurIPS 2015 (TT-matrix layers); T. Garipov, D. Podoprikhin, A. Novik
 "Ultimate tensorization: compressing convolutional and FC layers alike", arXiv:1611.03214, 2016
 (TT convolutions); J. Su, J. Li, B. Bhattacharjee, F. Huang, "Tensorial neural networks:
 generalization of neural networks and application to model compression", arXiv:1805.10352, 2018
-(the four-factor TT convolution and its parameter / multiply-add counts).
+(the four-factor TT convolution); U. Sainz de la Maza Gamboa, "Tensor Decompositions for Neural
+Networks Compression", Master's thesis, University of the Basque Country (UPV/EHU), Faculty of
+Informatics (TT convolution parameter and multiply-add counts, Table 6.1, and the pretrained CIFAR-10
+networks that TT fitted to the weights alone fails to approximate without fine-tuning).
 
 **TT-matrix** of ``W (T x D)`` with ``T = t_1 ... t_d`` and ``D = d_1 ... d_d`` (row and column
 indices in C order of their modes)::
@@ -361,7 +364,10 @@ def _tt_matrix_one(W, sigma, om, im, rs, max_iter, tol, damping, eps_rel, cg_tol
     T, D = W.shape
     s_obj, s_solve = prepare_sigma(sigma, D, damping=damping, eps_rel=eps_rel, device=dev, name=name)
     t0 = time.perf_counter()
-    cores = _whitened_init(W, s_obj if init == "whitened" else None, om, im, rs)
+    if isinstance(init, str):
+        cores = _whitened_init(W, s_obj if init == "whitened" else None, om, im, rs)
+    else:                                                      # warm start: the given cores
+        cores = [G.to(device=dev, dtype=F64) for G in init]
     metric = _Metric(s_solve, im, dt)
     WS = (W @ s_solve if s_solve is not None else W).to(dt)
     base = sigma_error(W, s_obj, F64)
@@ -379,6 +385,23 @@ def _tt_matrix_one(W, sigma, om, im, rs, max_iter, tol, damping, eps_rel, cg_tol
     return track.best, track, it, base, time.perf_counter() - t0
 
 
+def _check_matrix_init(init, om, im, rs, name):
+    """``init`` is ``'whitened'``, ``'tt-svd'`` or finite cores of the shapes ``om``, ``im``,
+    ``rs`` give."""
+    if isinstance(init, str):
+        if init not in ("whitened", "tt-svd"):
+            raise InputError(f"unknown TT init {init!r}", hint="use 'whitened', 'tt-svd' or a list of cores")
+        return
+    b = (1,) + tuple(rs) + (1,)
+    want = [(b[k], t, d, b[k + 1]) for k, (t, d) in enumerate(zip(om, im))]
+    have = [tuple(G.shape) if isinstance(G, torch.Tensor) else None for G in init]
+    if have != want:
+        raise InputError(f"{layer_label(name)}: TT init cores of shapes {have} for modes {om} x {im} and "
+                         f"ranks {tuple(rs)}", hint=f"give cores of shapes {want}")
+    for k, G in enumerate(init):
+        check_finite(G, f"init core {k}", name)
+
+
 def _matrix_weight(weight, name):
     if weight.dim() == 4 and weight.shape[2:] == (1, 1):
         return weight.reshape(weight.shape[0], -1)
@@ -390,7 +413,7 @@ def _matrix_weight(weight, name):
 
 def tt_matrix(weight: torch.Tensor, sigma: torch.Tensor | None, ranks, *, out_modes=None,
               in_modes=None, cores: int = DEFAULT_TT_CORES, max_iter: int = 20, tol: float = 1e-5,
-              init: str = "whitened", damping: float = default_damping("tt"),
+              init: str | list = "whitened", damping: float = default_damping("tt"),
               eps_rel: float = EPS_REL, cg_tol: float | None = None, cg_max_iter: int = 10,
               cg_energy_tol: float = 1e-5, device=None, dtype: torch.dtype | None = None,
               name: str | None = None) -> TTMatrixResult:
@@ -404,8 +427,10 @@ def tt_matrix(weight: torch.Tensor, sigma: torch.Tensor | None, ranks, *, out_mo
             :func:`balanced_factors` into ``cores`` modes.
         max_iter: iterations (the first is the start, each further one an ALS sweep, alternating
             direction); tol: stop on a relative decrease of the error below ``tol``.
-        init: ``'whitened'`` (TT-SVD of the Kronecker-whitened weight, module docstring) or
-            ``'tt-svd'`` (of the weight itself).
+        init: ``'whitened'`` (TT-SVD of the Kronecker-whitened weight, module docstring),
+            ``'tt-svd'`` (of the weight itself), or a list of cores to start from (a warm start:
+            shapes ``(r_{k-1}, t_k, d_k, r_k)`` for the modes and clipped ranks of this call;
+            the first iterate is these cores, so the result is never worse than them).
         damping, eps_rel: as in :func:`ddtd.solvers.cp_als` (default
             :func:`ddtd.solvers.default_damping`).
         cg_tol, cg_max_iter, cg_energy_tol: CG rule per core update (relative residual, step
@@ -423,12 +448,11 @@ def tt_matrix(weight: torch.Tensor, sigma: torch.Tensor | None, ranks, *, out_mo
             raise InputError(f"{layer_label(name)}: a TT-matrix does not split groups",
                              hint="leave grouped 1x1 convs to svd")
         sigma = sigma[0]
-    if init not in ("whitened", "tt-svd"):
-        raise InputError(f"unknown TT init {init!r}", hint="use 'whitened' or 'tt-svd'")
     check_finite(W, "weight", name)
     T, D = W.shape
     om, im = tt_matrix_modes(T, D, cores, out_modes, in_modes)
     rs = tt_matrix_ranks(ranks, om, im)
+    _check_matrix_init(init, om, im, rs, name)
     W64 = W.to(device=dev, dtype=F64)
     best, track, it, base, secs = _tt_matrix_one(W64, sigma, om, im, rs, max_iter, tol, damping, eps_rel,
                                                  cg_tol, cg_max_iter, cg_energy_tol, init, dev, dt, name)
