@@ -37,8 +37,9 @@ class LayerData:
         mean: ``(g, D)`` their mean.
         target: weight to fit instead of ``W`` (sequential fitting: ``W'``), ``W``'s shape.
         mean_in: ``(g, D)`` mean of the original inputs (sequential fitting), for the bias.
-        out_weights: ``(T,)`` output-channel weights ``D`` (formats whose first factor maps to
-            the outputs: svd, tucker2, cp; ignored by the others).
+        out_weights: ``(T,)`` output-channel weights ``D`` (fitted with by the formats whose
+            first factor maps to the outputs: svd, tucker2, cp; the others are fitted without
+            them); every fit's ``weighted_error`` is measured with them.
         holdout: ``(Sigma_fit, Sigma_held)`` covariances of two disjoint parts of the inputs,
             for choices an in-sample error would bias (the low-rank / sparse split).
     """
@@ -138,7 +139,8 @@ def solve(layer: nn.Module, config: MethodConfig, ranks, data: LayerData, *, nor
     weight_error = float((W.to(torch.float64) - W_new.reshape(W.shape)).norm()
                          / W.to(torch.float64).norm().clamp_min(1e-30))
     info = dict(fit.info)
-    if scale is not None:
+    if data.out_weights is not None:  # every candidate of auto is scored in the same metric
+        scale = data.out_weights.to(Wt.device, torch.float64).sqrt()
         view = (-1,) + (1,) * (W.dim() - 1)
         info["weighted_error"] = relative_sigma_error(Wt.to(torch.float64) * scale.view(view),
                                                       W_new.reshape(W.shape) * scale.view(view), sigma64)

@@ -139,7 +139,12 @@ class LRSConfig(MethodConfig):
         sparsity: fraction of each layer's bytes given to the sparse part; ``None``: the split
             with the lowest Sigma error (on held-out inputs when the pipeline has them).
         init: ``"data"``, ``"residual"``, ``"masked"`` or ``"auto"`` (``None``: the solver's).
-        lowrank: the low-rank part's format, ``"svd"`` or ``"tucker2"``.
+        lowrank: the low-rank part's format: ``"svd"``, ``"tucker2"`` (``k x k`` convs) or
+            ``"tt"`` (a TT-matrix, balanced modes of ``tt_cores`` cores: Linear layers and
+            ungrouped 1x1 convs; Hawkins et al., "Low-rank+sparse tensor compression for neural
+            networks", arXiv:2111.01697, 2021, sections 2.1-2.2).  Layers the format does not
+            represent get the svd low-rank part (reported in the layer's ``lowrank``).
+        tt_cores: TT-matrix cores of ``lowrank="tt"``.
         iters: alternating rounds of the final fit; split_iter: rounds per candidate split.
         fractions: the low-rank shares tried when choosing the split on held-out inputs.
         mode / candidates / switch_tol: passed to :func:`ddtd.solvers.lrs.lowrank_sparse`.
@@ -148,6 +153,7 @@ class LRSConfig(MethodConfig):
     sparsity: float | None = None
     init: str | None = None
     lowrank: str = "svd"
+    tt_cores: int = 3
     iters: int = 10
     split_iter: int = 3
     fractions: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -163,13 +169,28 @@ class LRSConfig(MethodConfig):
                              hint="the fraction of each layer's bytes given to the sparse part, e.g. 0.5")
         if self.init not in (None, "data", "residual", "masked", "auto"):
             raise InputError(f"unknown lrs init {self.init!r}", hint="use data, residual, masked or auto")
-        if self.lowrank not in ("svd", "tucker2"):
-            raise InputError(f"unknown low-rank part {self.lowrank!r}", hint="use 'svd' or 'tucker2'")
+        if self.lowrank not in ("svd", "tucker2", "tt"):
+            raise InputError(f"unknown low-rank part {self.lowrank!r}", hint="use 'svd', 'tucker2' or 'tt'")
+        if isinstance(self.tt_cores, bool) or not isinstance(self.tt_cores, int) or self.tt_cores < 2:
+            raise InputError(f"lrs: tt_cores must be an int >= 2, got {self.tt_cores!r}", hint="e.g. 3")
         super().__post_init__()
 
     def solver_options(self) -> dict:
         """The keywords of :func:`ddtd.solvers.lrs.lowrank_sparse` this config sets."""
         return {k: getattr(self, k) for k in ("mode", "init", "candidates", "switch_tol") if getattr(self, k) is not None}
+
+    def lowrank_for(self, weight: torch.Tensor, groups: int | None) -> tuple[str, dict]:
+        """The low-rank format this config gives a layer of ``weight`` (``lowrank``, or svd where
+        it does not apply: tucker2 needs a ``k x k`` kernel with several input channels per
+        group, tt a Linear weight or an ungrouped 1x1 kernel) and its solver keywords."""
+        g = groups or 1
+        k_by_k = weight.dim() == 4 and weight.shape[2] * weight.shape[3] > 1
+        if self.lowrank == "tucker2" and k_by_k and weight.shape[1] > 1:
+            return "tucker2", {}
+        if self.lowrank == "tt" and not k_by_k and g == 1:
+            T, D = weight.shape[0], int(math.prod(weight.shape[1:]))
+            return "tt", {"tt_modes": tt_matrix_modes(T, D, self.tt_cores)}
+        return "svd", {}
 
 
 @dataclass(frozen=True)
@@ -236,7 +257,18 @@ class AutoConfig:
     many iterations and only the winner is fitted in full (``None``: every candidate in full).
     ``stabilize``: a CP winner is refitted as stable CP (same error bound, lower sensitivity).
     ``lrs`` joins the candidates when the budget counts bytes only (``Size(budget="params")``): it
-    saves bytes, not multiply-adds."""
+    saves bytes, not multiply-adds. Unless the budget counts bytes only, a candidate with more
+    multiply-adds than the dense layer is not fitted (a TT-matrix of a Linear / 1x1 layer usually
+    has more).
+
+    ``tt`` (:class:`TTConfig`) is an opt-in candidate, compared through the same probes:
+    ``AutoConfig(candidates=(SvdConfig(), Tucker2Config(), CPConfig("cp3"), CPConfig("cp4"),
+    TTConfig()))``.  It is not a default one: on trained-like conv layers (power-law spectra,
+    activation covariances; 64x32 and 64x64 3x3 kernels at 2x / 4x / 8x,
+    benchmarks/auto_candidates.py) its Sigma error at equal parameters was never the lowest
+    (cp3 won all six, tt was above svd in all six), so it would change no choice there and cost
+    its probe (about 0.1 s per layer); a layer whose weight has tensor-train structure gets it
+    when it is asked for."""
 
     candidates: tuple = field(default_factory=lambda: (SvdConfig(), Tucker2Config(), CPConfig("cp3"),
                                                        CPConfig("cp4")))
@@ -454,11 +486,13 @@ def _lrs_heldout_split(weight, sigma, budget, cfg: LRSConfig, name, groups, hold
 
     sig_fit = _lrs_sigma(holdout[0])  # the solver damps it (kw["damping"])
     sig_held = _lrs_sigma(holdout[1], cfg.damping_for())
+    lowrank, extra = cfg.lowrank_for(weight, groups)
     best = None
     for f in cfg.fractions:
         try:
-            rank, nnz, res, _ = L.split_budget(weight, sig_fit, budget, lowrank=cfg.lowrank, name=name,
-                                               fractions=(f,), max_iter=cfg.split_iter, groups=groups, **kw)
+            rank, nnz, res, _ = L.split_budget(weight, sig_fit, budget, lowrank=lowrank, name=name,
+                                               fractions=(f,), max_iter=cfg.split_iter, groups=groups,
+                                               **kw, **extra)
         except InputError:
             continue
         e = relative_sigma_error(weight, res.kernel().reshape(weight.shape), sig_held)
@@ -475,31 +509,30 @@ def _lrs(weight, sigma, budget, cfg: LRSConfig, *, name=None, groups=None, holdo
     ``cfg.iters`` rounds."""
     from .solvers import lrs as L
 
+    groups = groups if groups and groups > 1 else None
+    lowrank, extra = cfg.lowrank_for(weight, groups)
     kw = {**cfg.solver_options(), "damping": _damping(cfg, sigma)}
     sig = _lrs_sigma(sigma)
-    groups = groups if groups and groups > 1 else None
     budget = int(budget)
     T, D = weight.shape[0], int(math.prod(weight.shape[1:]))
-    data_init = {**kw, "init": kw.get("init") or "data"}
+    data_init = {**kw, **extra, "init": kw.get("init") or "data"}
     if cfg.sparsity is None and holdout is not None:
         rank, nnz = _lrs_heldout_split(weight, sigma, budget, cfg, name, groups, holdout, kw)
-        res = L.lowrank_sparse(weight, sig, rank, nnz, lowrank=cfg.lowrank, max_iter=cfg.iters, name=name,
+        res = L.lowrank_sparse(weight, sig, rank, nnz, lowrank=lowrank, max_iter=cfg.iters, name=name,
                                groups=groups, **data_init)
     elif cfg.sparsity is None:
-        rank, nnz, res, _ = L.split_budget(weight, sig, budget, lowrank=cfg.lowrank, name=name,
-                                           max_iter=cfg.split_iter, groups=groups, **kw)
+        rank, nnz, res, _ = L.split_budget(weight, sig, budget, lowrank=lowrank, name=name,
+                                           max_iter=cfg.split_iter, groups=groups, **kw, **extra)
         if cfg.iters > cfg.split_iter:  # refit the chosen split longer (from the data start unless told)
-            refit = L.lowrank_sparse(weight, sig, rank, nnz, lowrank=cfg.lowrank, max_iter=cfg.iters, name=name,
+            refit = L.lowrank_sparse(weight, sig, rank, nnz, lowrank=lowrank, max_iter=cfg.iters, name=name,
                                      groups=groups, **data_init)
             res = refit if refit.rel_error <= res.rel_error else res
     else:
         nnz = min(int(float(cfg.sparsity) * budget) // (1 + L.INDEX_UNITS), T * D)
-        rest = budget - nnz * (1 + L.INDEX_UNITS)
-        per_rank = L.lowrank_params(tuple(weight.shape), "svd", 1, groups=groups or 1)
-        cap = min(T, D) if weight.dim() == 4 and weight.shape[1] == 1 else min(T // (groups or 1), D)
-        rank = max(0, min(int(rest // max(1, per_rank)), cap))
-        res = L.lowrank_sparse(weight, sig, rank, nnz, lowrank="svd", max_iter=cfg.iters, name=name,
-                               groups=groups, **kw)
+        rank = L.rank_for_units(tuple(weight.shape), lowrank, budget - nnz * (1 + L.INDEX_UNITS), groups or 1,
+                                tt_modes=extra.get("tt_modes"))
+        res = L.lowrank_sparse(weight, sig, rank, nnz, lowrank=lowrank, max_iter=cfg.iters, name=name,
+                               groups=groups, **kw, **extra)
     return Fit([res], res.rel_error, list(res.history), _lrs_info(res))
 
 

@@ -2,6 +2,7 @@
 Sigma against Frobenius on held-out outputs, monotone histories, sizing and saved models."""
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -234,3 +235,242 @@ def test_compress_with_tt_saves_and_reloads(tmp_path):
     again = load_model(out)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), again(x), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------ tt in auto
+
+
+def _spy_solves(monkeypatch):
+    """Record (method, max_iter) of every solve the pipeline runs."""
+    from ddtd import pipeline
+
+    calls, solve = [], pipeline.solve
+
+    def spy(layer, cfg, ranks, data, **kw):
+        calls.append((cfg.name, getattr(cfg, "max_iter", None)))
+        return solve(layer, cfg, ranks, data, **kw)
+
+    monkeypatch.setattr(pipeline, "solve", spy)
+    return calls
+
+
+def _auto(model, x, budget="both"):
+    from ddtd.config import CompressConfig, Size
+    from ddtd.methods import AutoConfig, SvdConfig
+    from ddtd.pipeline import compress
+
+    cfg = CompressConfig(size=Size(rank=4.0, budget=budget),
+                         method=AutoConfig(candidates=(SvdConfig(), TTConfig())))
+    return compress(model, x, cfg)
+
+
+def _conv_net(K):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 12, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 10)).eval()
+    with torch.no_grad():
+        model[2].weight.copy_(K / K.norm())
+    return model
+
+
+def _images(n=64, size=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = nn.functional.interpolate(torch.randn(n, 3, 4, 4, generator=g), size=size, mode="bilinear")
+    return x + 0.1 * torch.randn(n, 3, size, size, generator=g)
+
+
+def test_auto_picks_tt_on_a_planted_tt_weight_and_svd_on_a_low_rank_one(monkeypatch, single_thread):
+    """At 4x (the svd's 168 weights), a TT kernel of ranks (3, 3, 3) fits exactly as tt and not
+    as svd; a rank-2 kernel fits exactly as svd and not as tt. tt goes through the probes:
+    5 iterations to compare, the winner refitted in full."""
+    calls = _spy_solves(monkeypatch)
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    C, Y, X, T = (torch.randn(8, 3, generator=g), torch.randn(3, 3, 3, generator=g),
+                  torch.randn(3, 3, 3, generator=g), torch.randn(3, 12, generator=g))
+    x = _images()
+    res = _auto(_conv_net(torch.einsum("sa,ayb,bxc,ct->tsyx", C, Y, X, T)), x)
+    row = next(r for r in res.report.layers if r.name == "2")
+    assert row.method == "tt" and row.ranks == [3, 3, 3]
+    assert row.sigma_error < 1e-4
+    assert calls == [("svd", None), ("tt", 5), ("tt", TTConfig().max_iter)]
+    calls.clear()
+    low = (torch.randn(12, 2, generator=g) @ torch.randn(2, 72, generator=g)).reshape(12, 8, 3, 3)
+    res = _auto(_conv_net(low), x)
+    row = next(r for r in res.report.layers if r.name == "2")
+    assert row.method == "svd" and row.sigma_error < 1e-6
+    assert [c[0] for c in calls] == ["svd", "tt"]
+
+
+def test_auto_keeps_tt_matrices_off_linear_layers_unless_the_budget_is_bytes_only(single_thread):
+    """A TT-matrix of a 64 x 64 Linear at 4x needs ~4x the dense multiply-adds: with
+    ``--budget both`` auto never fits it there (svd wins), with ``--budget params`` it wins on
+    a planted TT-matrix weight."""
+    g = torch.Generator().manual_seed(5)
+    cores = [torch.randn(1, 4, 4, 2, generator=g), torch.randn(2, 4, 4, 2, generator=g),
+             torch.randn(2, 4, 4, 1, generator=g)]
+    W = tt_full(cores)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    with torch.no_grad():
+        model[2].weight.copy_(W / W.norm())
+    x = torch.randn(512, 16, generator=g)
+    shape = LayerShape(T=64, S=64)
+    assert format_macs("tt", shape, resolve_rank(Ratio(4.0), "tt", shape)) > shape.dense_macs
+    both = next(r for r in _auto(model, x, "both").report.layers if r.name == "2")
+    assert both.method == "svd" and both.macs_after <= both.macs_before
+    params = next(r for r in _auto(model, x, "params").report.layers if r.name == "2")
+    assert params.method == "tt" and params.sigma_error < 1e-4
+
+
+# ------------------------------------------------------------------------------ tt as lrs's low-rank part
+
+
+def _planted_tt_sparse(k=20, seed=4):
+    """A TT-matrix (modes (4, 3, 2) x (2, 4, 3), ranks (3, 2)) with entries of std 0.3, plus
+    ``k`` spikes of magnitude 3-4."""
+    g = torch.Generator().manual_seed(seed)
+    cores = [torch.randn(1, 4, 2, 3, generator=g, dtype=F64), torch.randn(3, 3, 4, 2, generator=g, dtype=F64),
+             torch.randn(2, 2, 3, 1, generator=g, dtype=F64)]
+    L = tt_full(cores)
+    L = 0.3 * L / L.std()
+    S = torch.zeros(L.numel(), dtype=F64)
+    pos = torch.randperm(L.numel(), generator=g)[:k]
+    S[pos] = (3 + torch.rand(k, generator=g, dtype=F64)) * torch.randn(k, generator=g).sign().to(F64)
+    return L + S.reshape(L.shape), S.reshape(L.shape)
+
+
+def test_lrs_with_a_tt_low_rank_part_recovers_a_planted_tt_matrix_plus_sparse(single_thread):
+    from ddtd.solvers.lrs import lowrank_params, lowrank_sparse
+
+    W, S0 = _planted_tt_sparse()
+    S = _aniso_sigma(24, seed=2)
+    modes = ((4, 3, 2), (2, 4, 3))
+    r = lowrank_sparse(W, S, (3, 2), 20, lowrank="tt", tt_modes=modes, init="masked", max_iter=100, tol=0.0,
+                       tucker_iter=3, damping=0.0, dtype=F64, name="fc")
+    assert r.lowrank == "tt" and r.rank == (3, 2)
+    assert r.rel_error < 1e-10
+    assert _rel_sigma_error(W, r.matrix(), S) < 1e-10
+    got = torch.zeros_like(W, dtype=torch.bool)
+    got[r.indices[:, 0], r.indices[:, 1]] = True
+    assert torch.equal(got, S0 != 0)
+    h = r.history
+    assert all(b <= a for a, b in zip(h, h[1:])), h
+    assert r.lowrank_params == lowrank_params(tuple(W.shape), "tt", (3, 2), tt_modes=modes) == 4 * 2 * 3 + 3 * 3 * 4 * 2 + 2 * 2 * 3
+
+
+def test_lrs_tt_refuses_layers_a_tt_matrix_does_not_fit():
+    from ddtd.methods import LRSConfig
+    from ddtd.solvers.lrs import lowrank_sparse, split_budget
+
+    K = torch.randn(12, 8, 3, 3)
+    with pytest.raises(InputError, match="conv3.*lowrank='tt'"):
+        lowrank_sparse(K, None, 2, 10, lowrank="tt", name="conv3")
+    with pytest.raises(InputError, match="groups"):
+        split_budget(torch.randn(12, 4, 1, 1), _aniso_sigma(4).expand(2, 4, 4), 40, lowrank="tt")
+    with pytest.raises(InputError):
+        LRSConfig(lowrank="cp3")
+    cfg = LRSConfig(lowrank="tt")
+    assert cfg.lowrank_for(K, None) == ("svd", {})
+    assert cfg.lowrank_for(torch.randn(12, 8, 1, 1), 2) == ("svd", {})
+    assert cfg.lowrank_for(torch.randn(20, 24), None) == ("tt", {"tt_modes": tt_matrix_modes(20, 24)})
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(24, 20), nn.Conv2d(24, 20, 1, stride=2)])
+def test_lrs_tt_layer_forward_counts_and_weights_only_reload(layer, single_thread):
+    from ddtd.layers.sparse import LowRankSparse
+    from ddtd.solvers.lrs import lowrank_sparse
+
+    torch.manual_seed(0)
+    W = layer.weight.detach()
+    S = _aniso_sigma(24, seed=1).float()
+    r = lowrank_sparse(W, S, 3, 40, lowrank="tt", init="data", max_iter=3, tucker_iter=2)
+    assert r.rank == (3, 3) and r.history == sorted(r.history, reverse=True)
+    model = nn.Sequential(layer)
+    rec = replace_layer(model, "0", "lrs", [r])
+    m = model[0]
+    assert isinstance(m, LowRankSparse) and isinstance(m.lowrank, TTMatrix)
+    assert m.count_params() == r.lowrank_params + r.nnz + 20
+    assert m.nbytes() == r.nbytes() + 20 * 4
+    torch.testing.assert_close(m.weight().reshape(20, 24), r.matrix().float(), rtol=1e-5, atol=1e-6)
+    x = torch.randn(2, 24, 5, 5) if isinstance(layer, nn.Conv2d) else torch.randn(3, 24)
+    with torch.no_grad():
+        ref = m(x)
+        for mode in ("chain", "sparse"):
+            m.forward_mode = mode
+            torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)
+        m.forward_mode = "merged"
+    buf = io.BytesIO()
+    torch.save({"state": model.state_dict(), "records": [rec]}, buf)
+    buf.seek(0)
+    obj = torch.load(buf, weights_only=True)
+    import copy
+
+    again = apply_replacements(nn.Sequential(copy.deepcopy(layer)), obj["records"])
+    again.load_state_dict(obj["state"])
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+
+
+def test_compress_with_lrs_tt_counts_bytes_and_reloads(single_thread):
+    """``LRSConfig(lowrank="tt", sparsity=0.5)`` through the pipeline: the Linear layer gets a TT-matrix
+    low-rank part, their bytes are counted (values + int32 indices + cores), and the records
+    rebuild the model from a weights-only state dict with the same outputs."""
+    import copy
+
+    from ddtd.config import CalibrationConfig, CompressConfig, Size
+    from ddtd.layers.sparse import LowRankSparse
+    from ddtd.methods import LRSConfig
+    from ddtd.pipeline import compress
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10)).eval()
+    x = torch.randn(256, 16)
+    res = compress(model, x, CompressConfig(size=Size(ratio=2.0, budget="params"), calibration=CalibrationConfig(holdout=0),
+                                            method=LRSConfig(lowrank="tt", sparsity=0.5, iters=3)))
+    rows = [r for r in res.report.layers if r.method == "lrs"]
+    assert rows and all(r.info["lowrank"] == "tt" and r.params_after * 4 == r.info["bytes"] for r in rows)
+    mods = [m for m in res.model.modules() if isinstance(m, LowRankSparse)]
+    assert mods and all(isinstance(m.lowrank, TTMatrix) or m.kind == "none" for m in mods)
+    buf = io.BytesIO()
+    torch.save({"state": res.model.state_dict(), "records": res.records}, buf)
+    buf.seek(0)
+    obj = torch.load(buf, weights_only=True)
+    again = apply_replacements(copy.deepcopy(model), obj["records"])
+    again.load_state_dict(obj["state"])
+    with torch.no_grad():
+        torch.testing.assert_close(again(x[:8]), res.model(x[:8]), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------ ONNX
+
+
+def test_tt_layers_export_to_onnx(single_thread):
+    """TT convolutions, TT-matrix layers (Linear and 1x1) and an lrs layer with a TT-matrix
+    low-rank part export with the legacy exporter (as ``ddtd compress --export onnx``); the
+    graph passes onnx.checker and, run by onnx's reference evaluator, gives the model's outputs."""
+    onnx = pytest.importorskip("onnx")
+    from onnx.reference import ReferenceEvaluator
+
+    from ddtd.solvers.lrs import lowrank_sparse
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 12, 3, padding=1, stride=2), nn.ReLU(), nn.Conv2d(12, 24, 1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 20), nn.ReLU(),
+                          nn.Linear(20, 10)).eval()
+    r = tt_conv(model[0].weight.detach(), None, 2, max_iter=2)
+    replace_layer(model, "0", "tt", [r.C, r.Y, r.X, r.T])
+    replace_layer(model, "2", "tt", tt_matrix(model[2].weight.detach(), None, 3, max_iter=2).cores)
+    replace_layer(model, "5", "tt", tt_matrix(model[5].weight.detach(), None, 3, max_iter=2).cores)
+    replace_layer(model, "7", "lrs", [lowrank_sparse(model[7].weight.detach(), None, 2, 20, lowrank="tt",
+                                                     init="data", max_iter=2, tucker_iter=2)])
+    model[7].forward_mode = "chain"
+    x = torch.randn(2, 8, 9, 9)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():          # the legacy exporter's deprecation notice
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), buf, dynamo=False)
+    proto = onnx.load_from_string(buf.getvalue())
+    onnx.checker.check_model(proto, full_check=True)
+    (out,) = ReferenceEvaluator(proto).run(None, {proto.graph.input[0].name: x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(out), model(x), rtol=1e-4, atol=1e-5)
+

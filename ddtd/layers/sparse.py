@@ -1,6 +1,7 @@
 """``LowRankSparse``: a layer computing ``y = L x + S x + b`` for a low-rank ``L`` and a sparse ``S``.
 
-``L`` runs as ddtd's factor chain (``build_svd`` / ``build_tucker2``, no bias), ``S`` is stored
+``L`` runs as ddtd's factor chain (``build_svd`` / ``build_tucker2`` / ``build_tt``, no bias; a
+TT-matrix low-rank part is a :class:`ddtd.layers.tt.TTMatrix`), ``S`` is stored
 compactly: ``values (nnz,)`` (a parameter) and ``index (nnz,)`` (an ``int32`` buffer with the
 flat position ``t * D + d`` in the ``T x D`` weight matrix, ``D = S*kh*kw`` in unfold order).
 So the state dict holds exactly the factors, ``nnz`` values, ``nnz`` int32 indices and the bias.
@@ -41,7 +42,7 @@ from torch import nn
 
 from ddtd.errors import InputError, layer_label
 
-from .builders import build_svd, build_tucker2
+from .builders import build_svd, build_tt, build_tucker2
 
 __all__ = ["LowRankSparse", "SharedBasis", "FORWARD_MODES", "layer_from_spec"]
 
@@ -173,7 +174,9 @@ class LowRankSparse(nn.Module):
         layer: the original ``nn.Conv2d`` (any groups incl. depthwise, stride / padding /
             dilation / padding_mode) or ``nn.Linear``; gives geometry, dtype, device.
         lowrank: ``'svd'`` (factors ``A (T, r)``, ``B (r, D)``), ``'tucker2'`` (``U (T, R1)``,
-            ``core (R1, R2, kh, kw)``, ``V (S, R2)``) or ``'none'`` (pure sparse, ``()``).
+            ``core (R1, R2, kh, kw)``, ``V (S, R2)``), ``'tt'`` (TT-matrix cores ``G_k (r_{k-1},
+            t_k, d_k, r_k)``; a Linear layer or an ungrouped, unpadded 1x1 conv) or ``'none'``
+            (pure sparse, ``()``).
             Grouped (``S/g > 1``): a leading group dim on every factor (``A (g, T/g, r)``,
             ``B (g, r, D_g)``, ...).  Depthwise: svd factors ``A (T, r)``, ``B (r, kh*kw)``
             (2-D: :class:`SharedBasis`) or per-group ``(g, T/g, r)``, ``(g, r, kh*kw)``.
@@ -194,9 +197,9 @@ class LowRankSparse(nn.Module):
         if forward_mode not in FORWARD_MODES:
             raise InputError(f"{layer_label(name)}: unknown forward_mode {forward_mode!r}",
                              hint=f"use one of {FORWARD_MODES}")
-        if lowrank not in ("svd", "tucker2", "none"):
+        if lowrank not in ("svd", "tucker2", "tt", "none"):
             raise InputError(f"{layer_label(name)}: unknown lowrank format {lowrank!r}",
-                             hint="use 'svd', 'tucker2' or 'none'")
+                             hint="use 'svd', 'tucker2', 'tt' or 'none'")
         self.spec = spec
         self.kind = lowrank
         self.forward_mode = forward_mode
@@ -220,6 +223,8 @@ class LowRankSparse(nn.Module):
                 raise InputError(f"{layer_label(name)}: tucker2 needs a Conv2d",
                                  hint="use lowrank 'svd' for Linear layers")
             self.lowrank = build_tucker2(plain, *factors, name=name)
+        elif lowrank == "tt":
+            self.lowrank = build_tt(plain, *factors, name=name)
         else:
             self.lowrank = None
         idx = torch.as_tensor(indices)
@@ -277,8 +282,8 @@ class LowRankSparse(nn.Module):
 
     def describe(self) -> dict:
         """Plain-data description (str / int / bool / list only).  ``rank`` is per group for a
-        grouped chain; ``layout`` is ``'shared'`` for a depthwise :class:`SharedBasis`, else
-        ``'chain'``."""
+        grouped chain (tt: the bond ranks, with ``modes`` ``[out_modes, in_modes]``); ``layout``
+        is ``'shared'`` for a depthwise :class:`SharedBasis`, else ``'chain'``."""
         g = self.groups
         if self._shared():
             rank = [self.lowrank.rank]
@@ -287,12 +292,17 @@ class LowRankSparse(nn.Module):
         elif self.kind == "tucker2":
             rank = [int(self.lowrank[1].weight.shape[0]) // g,
                     int(self.lowrank[1].weight.shape[1])]
+        elif self.kind == "tt":
+            rank = list(self.lowrank.ranks)
         else:
             rank = [0]
-        return {"kind": "lrs", "layer": dict(self.spec), "lowrank": self.kind, "rank": rank,
+        desc = {"kind": "lrs", "layer": dict(self.spec), "lowrank": self.kind, "rank": rank,
                 "nnz": int(self.values.numel()), "bias": self.bias is not None,
                 "forward_mode": self.forward_mode, "index_dtype": "int32",
                 "layout": "shared" if self._shared() else "chain"}
+        if self.kind == "tt":
+            desc["modes"] = [list(self.lowrank.out_modes), list(self.lowrank.in_modes)]
+        return desc
 
     @classmethod
     def from_description(cls, desc: dict, *, dtype: torch.dtype = torch.float32, device=None,
@@ -325,6 +335,13 @@ class LowRankSparse(nn.Module):
                 factors = (z(T, R1), z(R1, R2, kh, kw), z(S, R2))
             else:
                 factors = (z(g, Tg, R1), z(g, R1, R2, kh, kw), z(g, S, R2))
+        elif desc["lowrank"] == "tt":
+            if "modes" not in desc:
+                raise InputError(f"{layer_label(name)}: a TT low-rank description needs 'modes'",
+                                 hint="pass the dict returned by LowRankSparse.describe()")
+            om, im = desc["modes"]
+            rs = [1] + [int(r) for r in desc["rank"]] + [1]
+            factors = tuple(z(rs[k], int(t), int(d), rs[k + 1]) for k, (t, d) in enumerate(zip(om, im)))
         else:
             factors = ()
         nnz = int(desc["nnz"])
@@ -348,6 +365,8 @@ class LowRankSparse(nn.Module):
             G = ch[1].weight.reshape(g, R1, *ch[1].weight.shape[1:])      # (g, R1, R2, kh, kw)
             U = ch[2].weight.reshape(g, T // g, R1)                        # (g, T_g, R1)
             return torch.einsum("gta,gabij,gbs->gtsij", U, G, V).reshape(T, self.D)
+        if self.kind == "tt":
+            return ch.matrix()
         return torch.zeros(self.T, self.D, dtype=self.values.dtype, device=self.values.device)
 
     def sparse_weight(self) -> torch.Tensor:

@@ -9,9 +9,13 @@ order), ``Sigma`` the ``(D, D)`` PSD input covariance (``None``: Frobenius, ``Si
 * masking  (the paper, eq. 10): ``W~ = (1 - M) . L + M . S_m`` (``M`` the 0/1 support of the sparse
   part; on the mask the stored value replaces ``L``).
 
-``L`` is low-rank: ``L = A B`` (``A (T, r)``, ``B (r, D)``, Sigma-SVD) or, for a ``k x k`` conv,
-a Tucker2 kernel (``U``, ``core``, ``V``, :func:`ddtd.solvers.tucker2`).  ``S`` has ``nnz``
-nonzeros at ``indices`` (``(nnz, 2)`` int64 ``(row t, col d)``).
+``L`` is low-rank: ``L = A B`` (``A (T, r)``, ``B (r, D)``, Sigma-SVD); for a ``k x k`` conv,
+a Tucker2 kernel (``U``, ``core``, ``V``, :func:`ddtd.solvers.tucker2`); for a Linear layer or
+an ungrouped 1x1 conv, a TT-matrix (the paper, section 2.1 "TTM" and section 2.2 "Folding to
+high-order tensors": ``W (T x D)`` folded into the order-``2d`` tensor of modes
+``t_1..t_d, d_1..d_d``, cores ``G_k (r_{k-1}, t_k, d_k, r_k)``, fitted by TT-ALS-Sigma,
+:func:`ddtd.solvers.tt_matrix`).  ``S`` has ``nnz`` nonzeros at ``indices`` (``(nnz, 2)`` int64
+``(row t, col d)``).
 
 Objective: ``err(W~) = trace((W - W~) Sigma (W - W~)^T)``; all reported errors are relative,
 ``err / trace(W Sigma W^T)``.
@@ -40,7 +44,8 @@ which is what :class:`ddtd.layers.sparse.LowRankSparse` adds to the low-rank cha
 **Data-driven fit** (``max_iter`` rounds, each a descent step, best iterate kept):
 
 (a) ``L`` = the Sigma-optimal low-rank approximation of ``W - S`` (closed form for svd; Tucker2
-    ALS warm-started from the previous ``V``);
+    ALS warm-started from the previous ``V``; TT-ALS-Sigma warm-started from the previous cores,
+    whose best iterate is never worse than its start);
 (b) with ``R = W - L``, the values on the current support are re-solved exactly row by row
     (:func:`solve_rows`).  (a) and (b) are exact block minimisations, so the error never
     increases.  Once this fixed-support descent stalls (a round lowers the error by less than
@@ -104,7 +109,8 @@ group ``k = t // T_g`` and is measured in that group's ``Sigma_k``:
 ``t * D + d``, i.e. 2 units of 4 bytes; the low-rank part costs its factor elements.  A budget
 in "units" is thus bytes / 4 at float32.  Factor elements (:func:`lowrank_params`): svd
 ``r (T + D)``; grouped svd ``g r (T_g + D_g) = r (T + g D_g)``; depthwise shared basis
-``r (T + kh kw)``; Tucker2 ``g (T_g R1 + R1 R2 kh kw + S_g R2)``.
+``r (T + kh kw)``; Tucker2 ``g (T_g R1 + R1 R2 kh kw + S_g R2)``; TT-matrix
+``sum_k r_{k-1} t_k d_k r_k`` (:func:`ddtd.solvers.formats.tt_matrix_params`).
 """
 
 from __future__ import annotations
@@ -120,10 +126,11 @@ from ddtd.errors import InputError, layer_label
 
 from ._common import (IterativeResult, CANCEL, EPS_REL, F64, check_finite, default_damping, diverged, eigh,
                       fit_diagnostics, prepare_sigma, qr, resolve_device_dtype, rounded, spd_solve)
+from .formats import DEFAULT_TT_CORES, tt_matrix_modes, tt_matrix_params, tt_matrix_ranks, tt_rank_for_budget
 from .svd import sigma_svd
 
 __all__ = ["LRSResult", "lowrank_sparse", "magnitude_prune", "sigma_prune", "solve_rows",
-           "split_budget", "lowrank_params", "storage_units", "INDEX_UNITS", "VALUE_BYTES",
+           "split_budget", "lowrank_params", "rank_for_units", "storage_units", "INDEX_UNITS", "VALUE_BYTES",
            "INDEX_BYTES"]
 
 #: Storage units (4-byte words) of one sparse index: a flat ``int32`` index ``t * D + d``.
@@ -133,7 +140,7 @@ INDEX_BYTES = 4
 
 MODES = ("additive", "masking")
 INITS = ("residual", "masked", "data", "auto")
-LOWRANKS = ("svd", "tucker2")
+LOWRANKS = ("svd", "tucker2", "tt")
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,13 +153,15 @@ class LRSResult(IterativeResult):
 
     Attributes:
         shape: the weight's shape (``(T, D)`` or ``(T, S, kh, kw)``).
-        lowrank: ``'svd'``, ``'tucker2'`` or ``'none'`` (pure sparse, rank 0).
+        lowrank: ``'svd'``, ``'tucker2'``, ``'tt'`` or ``'none'`` (pure sparse, rank 0).
         factors: svd ``(A (T, r), B (r, D))``; tucker2 ``(U (T, R1), core (R1, R2, kh, kw),
-            V (S, R2))``; none ``()``.  Grouped (``S/g > 1``): each factor with a leading group
+            V (S, R2))``; tt the TT-matrix cores ``(G_1, ..., G_d)``, ``G_k (r_{k-1}, t_k, d_k,
+            r_k)`` (modes read from their shapes); none ``()``.  Grouped (``S/g > 1``): each factor with a leading group
             dim ``g`` (``A (g, T_g, r)``, ``B (g, r, D_g)``, ...).  Depthwise (``S/g = 1``,
             ``g > 1``): the shared basis ``A (T, r)``, ``B (r, kh*kw)`` (2-D, see the module
             docstring).
-        rank: svd ``(r,)``, tucker2 ``(R1, R2)``, none ``(0,)``.
+        rank: svd ``(r,)``, tucker2 ``(R1, R2)``, tt the bond ranks ``(r_1, ..., r_{d-1})``,
+            none ``(0,)``.
         indices: ``(nnz, 2)`` int64, ``(row t, column d)`` of the ``T x D`` matrix (grouped:
             ``T x D_g``), sorted row-major.
         values: ``(nnz,)`` in the convention of ``mode`` (additive: ``S``; masking: ``S_m``,
@@ -257,11 +266,15 @@ def _is_shared(shape, groups) -> bool:
     return int(groups) > 1 and len(shape) == 4 and int(shape[1]) == 1
 
 
-def lowrank_params(shape, lowrank: str, rank, groups: int = 1) -> int:
+def lowrank_params(shape, lowrank: str, rank, groups: int = 1, *, tt_modes=None) -> int:
     """Elements of the low-rank factors for a weight of ``shape`` (``(T, D)`` / ``(T,S/g,kh,kw)``).
 
     svd ``r (T + D)``; grouped svd (``S/g > 1``) ``g r (T_g + D_g)``; depthwise (``S/g = 1``,
-    ``g > 1``) shared basis ``r (T + kh kw)``; tucker2 ``g (T_g R1 + R1 R2 kh kw + S_g R2)``.
+    ``g > 1``) shared basis ``r (T + kh kw)``; tucker2 ``g (T_g R1 + R1 R2 kh kw + S_g R2)``;
+    tt ``sum_k r_{k-1} t_k d_k r_k`` for the modes ``tt_modes`` (``(out_modes, in_modes)``;
+    default :func:`ddtd.solvers.formats.tt_matrix_modes` with one core more than bond ranks, or
+    :data:`ddtd.solvers.formats.DEFAULT_TT_CORES` for an int rank), ranks clipped as the solver
+    clips them.
     """
     g = int(groups)
     T = int(shape[0])
@@ -280,13 +293,45 @@ def lowrank_params(shape, lowrank: str, rank, groups: int = 1) -> int:
         _, S, kh, kw = shape
         R1, R2 = (rank, rank) if isinstance(rank, int) else rank
         return g * ((T // g) * R1 + R1 * R2 * kh * kw + S * R2)
+    if lowrank == "tt":
+        if (rank if isinstance(rank, int) else max(rank, default=0)) == 0:
+            return 0
+        om, im = _tt_modes(T, D, rank, tt_modes)
+        return tt_matrix_params(om, im, tt_matrix_ranks(rank, om, im))
     raise InputError(f"unknown lowrank format {lowrank!r}", hint=f"use one of {LOWRANKS}")
 
 
-def storage_units(shape, lowrank: str, rank, nnz: int, groups: int = 1) -> int:
+def storage_units(shape, lowrank: str, rank, nnz: int, groups: int = 1, *, tt_modes=None) -> int:
     """Storage of an LRS layer in 4-byte units: factors + ``nnz * (1 + INDEX_UNITS)``
     (``shape`` is the weight's, ``(T, S/g, kh, kw)`` for a grouped conv)."""
-    return lowrank_params(shape, lowrank, rank, groups) + int(nnz) * (1 + INDEX_UNITS)
+    return lowrank_params(shape, lowrank, rank, groups, tt_modes=tt_modes) + int(nnz) * (1 + INDEX_UNITS)
+
+
+def rank_for_units(shape, lowrank: str, units: float, groups: int = 1, *, tt_modes=None):
+    """The largest rank of the ``lowrank`` format whose factors fit ``units`` (see
+    :func:`lowrank_params`): svd ``r`` (at most ``min(T, D)``, per group ``min(T_g, D_g)``),
+    tucker2 ``(R, R)`` (at most ``min(T_g, S_g)``), tt the largest uniform bond rank, clipped per
+    bond (:func:`ddtd.solvers.formats.tt_rank_for_budget`); ``0`` when none fits."""
+    g = int(groups)
+    T, D = int(shape[0]), int(math.prod(shape[1:]))
+    if lowrank == "svd":
+        rmax = min(T, D) if (g == 1 or _is_shared(shape, g)) else min(T // g, D)
+        return max(0, min(int(units // lowrank_params(shape, "svd", 1, g)), rmax))
+    if lowrank == "tt":
+        modes = _tt_modes(T, D, 1, tt_modes)
+        rk = tt_rank_for_budget(T, D, 1, 1, units, modes=modes)
+        return rk if lowrank_params(shape, "tt", rk, tt_modes=modes) <= units else 0
+    r = 0
+    while r < min(T // g, shape[1]) and lowrank_params(shape, "tucker2", r + 1, g) <= units:
+        r += 1
+    return (r, r) if r else 0
+
+
+def _tt_modes(T: int, D: int, rank, tt_modes):
+    """``(out_modes, in_modes)`` of the TT-matrix low-rank part (see :func:`lowrank_params`)."""
+    if tt_modes is not None:
+        return tt_matrix_modes(T, D, out_modes=tt_modes[0], in_modes=tt_modes[1])
+    return tt_matrix_modes(T, D, len(rank) + 1 if isinstance(rank, (tuple, list)) else DEFAULT_TT_CORES)
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,6 +344,10 @@ def _lowrank_matrix(kind, factors, T, D, dtype, device):
     if kind == "svd":
         A, B = factors
         return (A.to(F64) @ B.to(F64)).reshape(T, D).to(dtype)
+    if kind == "tt":
+        from .tt import tt_full
+
+        return tt_full([G.to(F64) for G in factors]).to(dtype)
     U, G, V = factors
     if U.dim() == 3:
         K = torch.einsum("gta,gabij,gsb->gtsij", U.to(F64), G.to(F64), V.to(F64))
@@ -538,10 +587,10 @@ def _err(E: torch.Tensor, sigma: torch.Tensor | None) -> float:
 
 class _LowRank:
     """The (a) step: Sigma-optimal low-rank approximation of a ``(T, D)`` matrix (per group for a
-    grouped conv; the shared basis for a depthwise conv, module docstring)."""
+    grouped conv; the shared basis for a depthwise conv; a TT-matrix, module docstring)."""
 
     def __init__(self, kind, rank, shape, groups, sigma_obj, sigma_solve, tucker_iter,
-                 basis_iter, name):
+                 basis_iter, name, tt_modes=None):
         self.kind, self.shape, self.sigma, self.name = kind, shape, sigma_obj, name
         self.sigma_solve = sigma_solve
         self.tucker_iter, self.basis_iter = tucker_iter, max(1, int(basis_iter))
@@ -551,7 +600,11 @@ class _LowRank:
         self.D = int(math.prod(shape[1:]))
         self.V = None
         self.B = None
-        if kind == "svd":
+        self.cores = None
+        if kind == "tt":
+            self.modes = _tt_modes(self.T, self.D, rank, tt_modes)
+            self.rank = tt_matrix_ranks(rank, *self.modes)
+        elif kind == "svd":
             self.rank = (int(rank if isinstance(rank, int) else rank[0]),)
         elif kind == "tucker2":
             R1, R2 = (rank, rank) if isinstance(rank, int) else rank
@@ -569,6 +622,8 @@ class _LowRank:
             res = sigma_svd(X, self.sigma, self.rank[0], groups=self.g, damping=0.0, dtype=F64,
                             name=self.name)
             return (res.A @ res.B).reshape(self.T, self.D), (res.A, res.B)
+        if self.kind == "tt":
+            return self._fit_tt(X)
         from .tucker2 import tucker2
         if self.g == 1:
             init = self.V if self.V is not None else "whitened"
@@ -588,6 +643,18 @@ class _LowRank:
         self.V = V
         L = torch.einsum("gta,gabij,gsb->gtsij", U, G, V).reshape(self.T, self.D)
         return L, (U, G, V)
+
+    def _fit_tt(self, X: torch.Tensor):
+        """TT-ALS-Sigma of ``X`` (``tucker_iter`` iterations), warm-started from the previous
+        cores: its best iterate is never worse than they are, so the (a) step descends."""
+        from .tt import tt_matrix
+
+        init = self.cores if self.cores is not None else "whitened"
+        res = tt_matrix(X, self.sigma, self.rank, out_modes=self.modes[0], in_modes=self.modes[1],
+                        init=init, max_iter=max(2, self.tucker_iter), tol=1e-7, damping=0.0,
+                        dtype=F64, name=self.name)
+        self.cores = list(res.cores)
+        return res.matrix(), tuple(res.cores)
 
     def _fit_shared(self, X: torch.Tensor):
         """Depthwise: ``min_{A, B} sum_t (x_t - a_t B) Sigma_t (x_t - a_t B)^T`` by alternating
@@ -897,6 +964,8 @@ def _check_args(weight, sigma, rank, nnz, density, mode, init, lowrank, name, gr
     if lowrank == "tucker2" and weight.dim() != 4:
         raise InputError(f"{layer_label(name)}: lowrank='tucker2' needs a conv kernel (T, S, kh, kw)",
                          hint="use lowrank='svd' for Linear layers")
+    if lowrank == "tt":
+        _check_tt(weight, rank, g, name)
     if isinstance(rank, int) or lowrank == "svd":
         rr = [int(rank if isinstance(rank, int) else rank[0])]
     else:
@@ -928,6 +997,23 @@ def _check_args(weight, sigma, rank, nnz, density, mode, init, lowrank, name, gr
     return nnz, kind, T, D, g
 
 
+def _check_tt(weight, rank, g, name) -> None:
+    """A TT-matrix low-rank part: a Linear weight or an ungrouped 1x1 kernel, bond ranks all
+    >= 1 (or all 0: no low-rank part)."""
+    if weight.dim() == 4 and tuple(weight.shape[2:]) != (1, 1):
+        raise InputError(f"{layer_label(name)}: lowrank='tt' (a TT-matrix) takes a Linear weight or a 1x1 "
+                         f"conv kernel, got {tuple(weight.shape)}",
+                         hint="use lowrank='tucker2' or 'svd' for k x k convs")
+    if g > 1:
+        raise InputError(f"{layer_label(name)}: lowrank='tt' does not split groups (groups={g})",
+                         hint="use lowrank='svd' for grouped convs")
+    rr = [rank] if isinstance(rank, int) else list(rank)
+    if not rr or any(isinstance(r, bool) or not isinstance(r, int) for r in rr) or (
+            0 in rr and max(rr) > 0):
+        raise InputError(f"{layer_label(name)}: TT ranks {rank!r} invalid",
+                         hint="one int or one int per bond, all >= 1 (0: no low-rank part)")
+
+
 def _pack(S: torch.Tensor, mask: torch.Tensor):
     idx = mask.nonzero()                                       # row-major order
     return idx.to(torch.int64), S[idx[:, 0], idx[:, 1]]
@@ -945,7 +1031,7 @@ def lowrank_sparse(weight: torch.Tensor, sigma: torch.Tensor | None, rank, nnz: 
                    damping: float = default_damping("lrs"), eps_rel: float = EPS_REL, device=None,
                    dtype: torch.dtype | None = None, name: str | None = None,
                    groups: int | None = None, basis_iter: int = 10,
-                   row_solver: str = "auto", cg_iter: int = 30) -> LRSResult:
+                   row_solver: str = "auto", cg_iter: int = 30, tt_modes=None) -> LRSResult:
     """Fit ``W~ = L + S`` (or the masking form) to ``weight`` in the Sigma metric.
 
     Args:
@@ -953,8 +1039,9 @@ def lowrank_sparse(weight: torch.Tensor, sigma: torch.Tensor | None, rank, nnz: 
         sigma: ``(D, D)`` PSD input covariance, ``(g, D_g, D_g)`` for a grouped / depthwise
             conv, or ``None`` (Frobenius).
         rank: svd ``r`` (int; per group for a grouped conv, the number of shared basis filters
-            for a depthwise conv); tucker2 ``(R1, R2)`` or one int (per group); ``0`` = no
-            low-rank part.
+            for a depthwise conv); tucker2 ``(R1, R2)`` or one int (per group); tt one int for
+            every bond or one per bond (``d - 1`` for ``d`` cores; clipped to
+            :func:`ddtd.solvers.formats.tt_max_ranks`); ``0`` = no low-rank part.
         nnz: number of nonzeros of the sparse part (or give ``density`` = nnz / (T*D)); grouped:
             over the whole layer, the groups compete for them.
         mode: ``'additive'`` (``L + S``) or ``'masking'`` (``(1-M).L + M.S_m``); same fit (module
@@ -964,11 +1051,12 @@ def lowrank_sparse(weight: torch.Tensor, sigma: torch.Tensor | None, rank, nnz: 
             fit is a block descent and can stall in a local minimum: on planted low-rank +
             spikes problems only the masked start recovers the exact decomposition, while on
             activation-weighted layers the data start usually ends lowest.
-        lowrank: ``'svd'`` or ``'tucker2'`` (``k x k`` conv).
+        lowrank: ``'svd'``, ``'tucker2'`` (``k x k`` conv) or ``'tt'`` (TT-matrix: Linear
+            layer or ungrouped 1x1 conv).
         max_iter: rounds of the data-driven fit; ``0`` returns the initialisation.
         tol: stop when a round lowers the error by less than ``tol`` (relative).
         init_iter: alternation rounds of the ``'masked'`` initialisation's low-rank fit.
-        tucker_iter: Tucker2 ALS iterations per (a) step.
+        tucker_iter: Tucker2 / TT ALS iterations per (a) step.
         candidates: new-support rules tried when the fixed-support descent stalls: any of
             ``'energy'``, ``'gradient'`` (module docstring); ``()`` keeps the initial support.
         switch_tol: a round that lowers the error by less than this (relative) counts as
@@ -990,6 +1078,9 @@ def lowrank_sparse(weight: torch.Tensor, sigma: torch.Tensor | None, rank, nnz: 
             than ``cg_iter`` products with Sigma), ``'exact'`` (always factorise) or ``'cg'``
             (always conjugate gradients, a descent step per solve).
         cg_iter: cap on the conjugate-gradient steps (products with Sigma) per row solve.
+        tt_modes: ``(out_modes, in_modes)`` of the TT-matrix (``lowrank='tt'``); default
+            :func:`ddtd.solvers.formats.tt_matrix_modes` (balanced factors, one core more than
+            the bond ranks given, :data:`ddtd.solvers.formats.DEFAULT_TT_CORES` for an int).
 
     Returns:
         :class:`LRSResult`.
@@ -1001,7 +1092,8 @@ def lowrank_sparse(weight: torch.Tensor, sigma: torch.Tensor | None, rank, nnz: 
         kw = dict(mode=mode, lowrank=lowrank, max_iter=max_iter, tol=tol, init_iter=init_iter,
                   tucker_iter=tucker_iter, candidates=candidates, switch_tol=switch_tol,
                   damping=damping, eps_rel=eps_rel, device=device, dtype=dtype, name=name,
-                  groups=g, basis_iter=basis_iter, row_solver=row_solver, cg_iter=cg_iter)
+                  groups=g, basis_iter=basis_iter, row_solver=row_solver, cg_iter=cg_iter,
+                  tt_modes=tt_modes)
         runs = [lowrank_sparse(weight, sigma, rank, nnz, init=i, **kw) for i in INITS[:3]]
         best = min(runs, key=lambda r: r.rel_error)
         return dataclasses.replace(best, seconds=time.perf_counter() - t0)
@@ -1012,7 +1104,7 @@ def lowrank_sparse(weight: torch.Tensor, sigma: torch.Tensor | None, rank, nnz: 
                          "(W Sigma W^T = 0)", hint="the layer's output is constant; leave it dense")
     dsq = _row_dsq(s_obj, T, D, dev)
     lr = _LowRank(kind, rank, tuple(weight.shape), g, s_obj, s_solve, tucker_iter, basis_iter,
-                  name)
+                  name, tt_modes)
 
     if row_solver not in ROW_SOLVERS:
         raise InputError(f"{layer_label(name)}: unknown row_solver {row_solver!r}",
@@ -1187,7 +1279,9 @@ def split_budget(weight: torch.Tensor, sigma: torch.Tensor | None, budget: int, 
     For each fraction ``f`` the low-rank part gets the largest rank whose factors fit in
     ``f * budget`` (svd: ``r = floor(f B / u)`` with ``u = lowrank_params(shape, 'svd', 1, g)``
     the cost of one rank: ``T + D`` (grouped ``g (T_g + D_g)``, depthwise ``T + kh kw``);
-    tucker2: ``R1 = R2 = R``, the largest with ``lowrank_params <= f B``) and the sparse part the
+    tucker2: ``R1 = R2 = R``, the largest with ``lowrank_params <= f B``; tt: the largest uniform
+    bond rank (clipped per bond) whose cores fit, for the modes ``kwargs['tt_modes']`` or the
+    default ones) and the sparse part the
     rest: ``nnz = floor((B - lowrank_params) / (1 + INDEX_UNITS))``.  ``f = 0`` is pure sparse
     (Sigma-aware pruning), ``f = 1`` pure low rank.  Each split is fitted with
     :func:`lowrank_sparse` (``max_iter`` rounds, ``init='data'`` unless given in ``kwargs``,
@@ -1219,6 +1313,8 @@ def split_budget(weight: torch.Tensor, sigma: torch.Tensor | None, budget: int, 
         raise InputError(f"{layer_label(name)}: lowrank='tucker2' makes no sense for a depthwise conv "
                          "(one input channel per group)",
                          hint="use lowrank='svd' (shared basis filters across channels)")
+    if lowrank == "tt":
+        _check_tt(weight, 1, g, name)
     if search not in ("refine", "grid"):
         raise InputError(f"{layer_label(name)}: unknown search {search!r}",
                          hint="use 'refine' or 'grid'")
@@ -1258,17 +1354,9 @@ def _split_one(weight, sigma, budget, f, lowrank, shape, T, D, g, shared, tried,
     """Fit the split at fraction ``f``: ``((f, r, nnz, err), (rank, nnz, result))`` or ``None``
     (infeasible, or the same split as an earlier fraction)."""
     lb = f * budget
-    if lowrank == "svd":
-        rmax = min(T, D) if (g == 1 or shared) else min(T // g, D)
-        r = min(int(lb // lowrank_params(shape, "svd", 1, g)), rmax)
-        rk = r
-    else:
-        r = 0
-        while (r < min(T // g, shape[1])
-               and lowrank_params(shape, "tucker2", r + 1, g) <= lb):
-            r += 1
-        rk = (r, r)
-    nnz = (budget - lowrank_params(shape, lowrank, rk if r > 0 else 0, g)) \
+    rk = rank_for_units(shape, lowrank, lb, g, tt_modes=kwargs.get("tt_modes"))
+    r = rk if isinstance(rk, int) else max(rk)
+    nnz = (budget - lowrank_params(shape, lowrank, rk, g, tt_modes=kwargs.get("tt_modes"))) \
         // (1 + INDEX_UNITS)
     nnz = max(0, min(int(nnz), T * D))
     if (r, nnz) in tried or (r == 0 and nnz == 0):
