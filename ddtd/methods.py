@@ -179,6 +179,13 @@ class LRSConfig(MethodConfig):
         """The keywords of :func:`ddtd.solvers.lrs.lowrank_sparse` this config sets."""
         return {k: getattr(self, k) for k in ("mode", "init", "candidates", "switch_tol") if getattr(self, k) is not None}
 
+    def for_layer(self, layer: nn.Module) -> "LRSConfig":
+        """This config for ``layer``: a ``tt`` low-rank part becomes ``svd`` where the layer
+        takes no TT-matrix (a padded 1x1 conv: the weight alone does not show the padding)."""
+        if self.lowrank == "tt" and not format_applies("tt", layer)[0]:
+            return replace(self, lowrank="svd")
+        return self
+
     def lowrank_for(self, weight: torch.Tensor, groups: int | None) -> tuple[str, dict]:
         """The low-rank format this config gives a layer of ``weight`` (``lowrank``, or svd where
         it does not apply: tucker2 needs a ``k x k`` kernel with several input channels per

@@ -474,3 +474,23 @@ def test_tt_layers_export_to_onnx(single_thread):
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(out), model(x), rtol=1e-4, atol=1e-5)
 
+
+
+def test_lrs_tt_on_a_padded_1x1_conv_uses_svd():
+    """A padded 1x1 conv takes no TT-matrix: lrs with a tt low-rank part fits it with svd and
+    the layer builds and matches its factors."""
+    from ddtd.fitting import LayerData, solve
+    from ddtd.layers.sparse import LowRankSparse
+    from ddtd.methods import LRSConfig
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(12, 16, 1, padding=1)
+    x = torch.randn(400, 12, dtype=torch.float64)
+    fit = solve(conv, LRSConfig(lowrank="tt", sparsity=0.3), 16 * 12 // 2,
+                LayerData((x.T @ x / 400)[None], x.mean(0)[None]), name="c")
+    layer = LowRankSparse.from_result(conv, fit.factors[0], fit.bias, name="c")
+    assert layer.describe()["lowrank"] == "svd"
+    y = torch.randn(2, 12, 5, 5)
+    with torch.no_grad():
+        dense = torch.nn.functional.conv2d(y, layer.weight(), fit.bias, padding=1)
+        torch.testing.assert_close(layer(y), dense, rtol=1e-4, atol=1e-5)
