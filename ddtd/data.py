@@ -192,11 +192,23 @@ class ImageFolder:
         ``progress`` is called with the number of images in each batch.
         """
         order = self.sample(None, seed)
-        want = len(order) if num is None else num
+        yield from self.decode(order, transform, len(order) if num is None else num, batch_size, labels, progress)
+        if self.used == 0:
+            raise InputError(
+                f"none of the {len(order)} image files under '{self.root}' could be read "
+                f"({len(self.unreadable)} unreadable, e.g. {self.unreadable[0] if self.unreadable else '-'})",
+                hint="check the files are valid images (try opening one), or point --images elsewhere",
+            )
+
+    def decode(self, paths: list[Path], transform: ImageTransform, want: int, batch_size: int = 32,
+               labels: bool = False, progress=None):
+        """Yield preprocessed batches of the first ``want`` readable files of ``paths``, in order
+        (the work of :meth:`batches`). Unreadable files are skipped and added to ``unreadable``;
+        ``used`` counts the images yielded by this call."""
         xs: list[torch.Tensor] = []
         ys: list[int] = []
         self.used = 0
-        for path in order:
+        for path in paths:
             if self.used >= want:
                 break
             try:
@@ -213,12 +225,6 @@ class ImageFolder:
                 xs, ys = [], []
         if xs:
             yield self._emit(xs, ys, labels, progress)
-        if self.used == 0:
-            raise InputError(
-                f"none of the {len(order)} image files under '{self.root}' could be read "
-                f"({len(self.unreadable)} unreadable, e.g. {self.unreadable[0] if self.unreadable else '-'})",
-                hint="check the files are valid images (try opening one), or point --images elsewhere",
-            )
 
     @staticmethod
     def _emit(xs, ys, labels, progress):
