@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import distributed
 from ._version import __version__
 from .errors import DdtdError
 
@@ -187,6 +188,8 @@ def cmd_calibrate(args) -> int:
                                batch_size=args.batch_size)
     result = calibrate(model, texts if texts is not None else args.images, config, layers=args.layers,
                        max_dim=args.max_dim, device=args.device)
+    if distributed.rank() != 0:
+        return 0  # rank 0 writes the sums of every rank
     t_write = time.time()
     save_calibration(result, out, append=args.append)
     size = out.stat().st_size
@@ -282,6 +285,8 @@ def cmd_compress(args) -> int:
                       _compress_config(args, None if texts is not None else transform, ranks), store=args.calib,
                       filter_fn=layer_filter(model, args.layers, include_first=args.include_first,
                                              include_last=args.include_last))
+    if distributed.rank() != 0:
+        return 0  # rank 0 writes the model every rank fitted
     save_model(result.model, out, spec=model.ddtd_spec, replacements=result.records,
                report=result.report.to_dict(), transform=transform.to_dict() if texts is None else None)
     print(format_report(result.report))
@@ -490,7 +495,14 @@ def _add_calibrate(sub) -> None:
                    help=f"skip layers whose patch length exceeds this (default {DEFAULT_MAX_DIM})")
     p.add_argument("--append", action="store_true", help="add to the store at -o instead of replacing it")
     p.add_argument("-o", "--output", required=True, help="output .h5 store")
+    _add_nproc(p)
     p.set_defaults(func=cmd_calibrate)
+
+
+def _add_nproc(p) -> None:
+    p.add_argument("--nproc", type=_positive_int, default=None, metavar="N",
+                   help="run on N processes of this machine (torchrun with a loopback address; each reads a "
+                        "shard of the inputs, rank 0 writes). Under torchrun (--nproc-per-node) leave it out")
 
 
 def _add_merge(sub) -> None:
@@ -552,6 +564,7 @@ def _add_compress(sub) -> None:
     p.add_argument("--export", choices=["torchscript", "onnx"])
     p.add_argument("--report-json", type=Path)
     p.add_argument("-o", "--output", required=True, type=Path, help="compressed model file (.ddtd)")
+    _add_nproc(p)
     p.set_defaults(func=cmd_compress)
 
 
@@ -608,12 +621,42 @@ def _add_info(sub) -> None:
 
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` less its ``--nproc N`` / ``--nproc=N``."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def _run(args) -> int:
+    """The command, on every rank when torchrun started this process (a gloo / NCCL group from
+    its environment; rank 0 writes after every rank agreed that all went well)."""
+    with distributed.init_from_env(getattr(args, "device", None)):
+        if hasattr(args, "device"):
+            args.device = distributed.rank_device(args.device)
+        if distributed.rank() != 0:
+            logging.getLogger("ddtd").setLevel(logging.ERROR)  # rank 0 speaks for all
+        with distributed.shared_failures():
+            code = args.func(args)
+            distributed.agree()  # rank 0 has written: every rank ends together
+        return code
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s: %(message)s", stream=sys.stderr)
+    if (getattr(args, "nproc", None) or 1) > 1 and not distributed.launched():
+        return distributed.launch(_without_nproc(argv), args.nproc)
     try:
-        code = args.func(args)
+        code = _run(args)
         sys.stdout.flush()  # inside the try: a closed pipe is reported here, not at exit
         return code
     except DdtdError as exc:

@@ -17,6 +17,7 @@ from ..config import CalibrationConfig
 from ..inputs import batch_size as batch_size_of
 from ..inputs import call_model, take, to_device, token_mask, unpack_loader_batch, positional_arity
 from ..data import ImageFolder, ImageTransform
+from .. import distributed
 from ..errors import InputError, StoreMismatchError
 from .collector import DEFAULT_MAX_DIM, LayerMoments, MomentCollector
 from .store import CovarianceStore, StoreInfo, model_layers, new_source_id, write_store
@@ -76,7 +77,7 @@ def default_batch_size(data, transform: ImageTransform | None) -> int:
 
 
 def input_batches(data, transform: ImageTransform | None, num_images, seed, batch_size, progress,
-                  model: nn.Module | None = None):
+                  model: nn.Module | None = None, shard: bool = True):
     """The accepted data kinds as an iterator of batches (:mod:`ddtd.inputs`), plus the image
     folder (or ``None``) and a description of the source.
 
@@ -84,18 +85,26 @@ def input_batches(data, transform: ImageTransform | None, num_images, seed, batc
     arguments) or a dict of tensors (keyword arguments) holding all samples, cut into batches of
     ``batch_size``; or an iterable of batches (a DataLoader, a list, a generator; an ``(inputs,
     labels)`` pair gives its inputs: :func:`ddtd.inputs.unpack_loader_batch`, told how many
-    positional inputs ``model`` takes), used as they come. At most ``num_images`` samples."""
+    positional inputs ``model`` takes), used as they come. At most ``num_images`` samples.
+
+    In an initialised ``torch.distributed`` group with ``shard``, each rank gets its shard of them
+    (:mod:`ddtd.distributed`): images and samples in contiguous blocks, batches by position."""
+    shard = shard and distributed.active()
     if isinstance(data, (str, os.PathLike)):
         folder = ImageFolder.scan(data)
-        it = folder.batches(transform, num=num_images, seed=seed, batch_size=batch_size, progress=progress)
+        if shard:
+            it = distributed.image_batches(folder, transform, num_images, seed, batch_size, progress)
+        else:
+            it = folder.batches(transform, num=num_images, seed=seed, batch_size=batch_size, progress=progress)
         return it, folder, {"images": str(Path(data)), "num_images": num_images, "seed": seed}
     if isinstance(data, (torch.Tensor, tuple, Mapping)):
         n = batch_size_of(data)
         n = n if num_images is None else min(n, num_images)
+        start, stop = distributed.shard_bounds(n) if shard else (0, n)
 
         def chunks():
-            for i in range(0, n, batch_size):
-                b = take(data, slice(i, min(n, i + batch_size)))
+            for i in range(start, stop, batch_size):
+                b = take(data, slice(i, min(stop, i + batch_size)))
                 progress(batch_size_of(b))
                 yield b
         kind = "tensor" if isinstance(data, torch.Tensor) else type(data).__name__
@@ -103,18 +112,20 @@ def input_batches(data, transform: ImageTransform | None, num_images, seed, batc
         return chunks(), None, {kind: shape}
     if isinstance(data, Iterable):  # DataLoader or any iterable of batches / (inputs, labels) pairs
         arity = positional_arity(model) if model is not None else None
+        mine, limit = distributed.batch_filter(data, num_images) if shard else ((lambda i: True), num_images)
 
         def gen():
             seen = 0
-            for item in data:
+            for i, item in enumerate(data):
                 b = unpack_loader_batch(item, arity)
-                if num_images is not None and batch_size_of(b) > num_images - seen:
-                    b = take(b, slice(0, max(0, num_images - seen)))
+                if limit is not None and batch_size_of(b) > limit - seen:
+                    b = take(b, slice(0, max(0, limit - seen)))
                 if batch_size_of(b) == 0:
                     break
                 seen += batch_size_of(b)
-                progress(batch_size_of(b))
-                yield b
+                if mine(i):
+                    progress(batch_size_of(b))
+                    yield b
         return gen(), None, {"iterable": type(data).__name__}
     raise InputError(f"cannot calibrate on a {type(data).__name__}",
                      hint="pass an image folder path, a DataLoader / list of batches, or a tensor / tuple / dict batch")
@@ -148,9 +159,18 @@ def calibrate(
         check_variance: log a warning for layers whose inputs (almost) do not vary across the
             samples (blank or identical images; see :func:`warn_zero_variance`).
 
+    In an initialised ``torch.distributed`` group, call it on every rank: each rank runs its
+    shard of ``data`` and every rank returns the sums of all of them (:mod:`ddtd.distributed`);
+    an error on one rank raises :class:`ddtd.distributed.RankFailure` on every rank.
+
     Returns:
         A :class:`CalibrationResult` with float64 raw sums per layer.
     """
+    with distributed.shared_failures():
+        return _calibrate(model, data, config, layers, max_dim, device, check_variance)
+
+
+def _calibrate(model: nn.Module, data, config, layers, max_dim, device, check_variance) -> CalibrationResult:
     if isinstance(model, torch.jit.ScriptModule):
         raise InputError(
             "a TorchScript model cannot be calibrated: its layers do not run Python hooks",
@@ -170,8 +190,9 @@ def calibrate(
     transform = image_transform(model, data, config.transform)
     batch_size = config.batch_size or default_batch_size(data, transform)
     t0 = time.time()
+    quiet = distributed.rank() != 0 or (show_progress is not None and not show_progress)
     bar = tqdm(total=num_images if isinstance(data, (str, os.PathLike)) else None,
-               unit="img", desc="calibrating", disable=None if show_progress is None else not show_progress)
+               unit="img", desc="calibrating", disable=True if quiet else None if show_progress is None else False)
     batches, folder, source = input_batches(data, transform, num_images, seed, batch_size, bar.update, model)
     count = 0
     collector = MomentCollector(model, layers=layers, max_dim=max_dim)
@@ -186,26 +207,29 @@ def calibrate(
                 count += batch_size_of(b)
     finally:
         bar.close()
+    moments, count, _ = distributed.sum_moments(collector.moments, count, collector.hooked, dev)
     if count == 0:
         raise InputError("no calibration inputs were given", hint="pass a non-empty image folder, DataLoader or tensor")
     if check_variance:
-        warn_zero_variance(collector.moments)
-    return _result(model, collector, folder, source, count, transform, seed, time.time() - t0)
+        warn_zero_variance(moments)
+    return _result(model, collector, moments, folder, source, count, transform, seed, time.time() - t0)
 
 
-def _result(model: nn.Module, collector: MomentCollector, folder, source: dict, count: int, transform, seed,
-            seconds: float) -> CalibrationResult:
+def _result(model: nn.Module, collector: MomentCollector, moments: dict, folder, source: dict, count: int, transform,
+            seed, seconds: float) -> CalibrationResult:
     """The :class:`CalibrationResult` of a finished pass, with the store's bookkeeping."""
     skipped = dict(collector.skipped)
     for n in collector.hooked:
-        if n not in collector.moments:
+        if n not in moments:
             skipped[n] = "never called in the forward pass"
             log.warning("layer '%s' was never called in the forward pass; it is not stored", n)
     source["used"] = count
-    source["id"] = new_source_id()
+    source["id"] = distributed.broadcast(new_source_id())
+    if distributed.active():
+        source["world_size"] = distributed.world_size()
     info = StoreInfo(layers=model_layers(model), num_images=count, seed=seed, sources=[source], skipped=skipped,
                      transform=transform.to_dict() if folder is not None else {"external": True})
-    result = CalibrationResult(moments=collector.moments, info=info, seconds=seconds,
+    result = CalibrationResult(moments=moments, info=info, seconds=seconds,
                                unreadable=list(folder.unreadable) if folder else [],
                                non_images=folder.non_images if folder else 0)
     if result.unreadable or result.non_images:
