@@ -34,7 +34,8 @@ from .config import CalibrationConfig, CompressConfig, Size, config_from_options
 from .errors import InputError
 from .fidelity import Fidelity, HeldOut, SvdProbe, search_ratio
 from .fitting import LayerData, LayerFit, solve
-from .inputs import Feed, count, example_of, first_samples, is_shape, probe_input, rebatch, split_batches, to_device
+from .inputs import Feed, count, example_of, first_samples, is_shape, map_tensors, probe_input, rebatch, split_batches, \
+    to_device
 from .layers import (describe_split, fold_batchnorm, fold_records, get_module, macs_by_layer, merge_compressed,
                      replace_layer, split_attention)
 from .methods import AutoConfig, CPConfig, SvdConfig, get_method, method_configs, stable_version, with_settings
@@ -43,6 +44,7 @@ from .planning import LayerPlan, Plan, is_depthwise, kept_attention, layer_macs,
 from .report import CompressResult, LayerReport, Report
 from .selection import compressible_layers, layer_filter
 from .sensitivity import output_sensitivity
+from . import distributed
 from . import sequential as seq
 from .solvers import norm_growth_warning
 
@@ -131,7 +133,8 @@ def _read_inputs(model: nn.Module, data, cal: CalibrationConfig, device) -> _Inp
     batch_size = cal.batch_size or (default_batch_size(data, transform) if data is not None else 64)
     batches = heldout = None
     if data is not None:
-        it, _, _ = input_batches(data, transform, cal.num_images, cal.seed, batch_size, lambda n: None, model)
+        it, _, _ = input_batches(data, transform, cal.num_images, cal.seed, batch_size, lambda n: None, model,
+                                 shard=False)
         batches = [to_device(b, "cpu") for b in it]
         if not batches:
             raise InputError("no calibration inputs", hint="pass a non-empty image folder, DataLoader or tensor")
@@ -286,11 +289,24 @@ def compress(model: nn.Module, data=None, config: CompressConfig | None = None, 
     largest ratio whose Sigma-SVD probes meet it is fitted with the configured method and
     checked on the same inputs (up to :data:`TARGET_ATTEMPTS` fits, each at a smaller ratio).
 
+    In an initialised ``torch.distributed`` group, call it on every rank with the same arguments:
+    every rank reads the inputs (they are kept for the held-out fidelity and sequential fitting),
+    the moment accumulation is split by batch and its sums all-reduced, and without sequential
+    fitting the layer solves are spread over the ranks by estimated cost (:func:`solve_cost`) and
+    gathered, so every rank returns the same result. Sequential fitting (the default ``"auto"``
+    with data) fits layer after layer on every rank alike: only its calibration is split. An
+    error on one rank raises :class:`ddtd.distributed.RankFailure` on every rank.
+
     Returns:
         :class:`ddtd.report.CompressResult`: the compressed ``nn.Module`` (plain PyTorch), the
         :class:`ddtd.report.Report` (per-layer table, totals, ``fidelity``, ``seconds``) and
         the replacement records.
     """
+    with distributed.shared_failures():
+        return _compress(model, data, config, store, filter_fn, on_layer, options)
+
+
+def _compress(model: nn.Module, data, config, store, filter_fn, on_layer, options: dict) -> CompressResult:
     t0 = time.time()
     if options:
         config, filter_fn = _from_flat_options(model, config, filter_fn, options)
@@ -467,8 +483,11 @@ def _fit_model(job: _Job, config: CompressConfig) -> CompressResult:
         if getattr(configs.get("lrs"), "sparsity", 0) is None else []
     holdout = _holdout_moments(work, job.inputs, split_names) if (
         config.norm == "sigma" and job.inputs.batches is not None) else {}
+    shared = _fit_shared(job, config, configs, plan_, work, parts, holdout) \
+        if distributed.world_size() > 1 and mode == "off" else None
     for p in plan_.layers:
-        row, fit = _fit_layer(job, config, configs, p, plan_, work, reference, parts, mode, holdout.get(p.name))
+        row, fit = shared[p.name] if shared is not None else \
+            _fit_layer(job, config, configs, p, plan_, work, reference, parts, mode, holdout.get(p.name))
         if fit is not None:
             records += assemble(work, {p.name: fit})
             row.params_after = stored_units(get_module(work, p.name), exclude_bias=True)
@@ -485,6 +504,37 @@ def _fit_model(job: _Job, config: CompressConfig) -> CompressResult:
                                        if fitted else None)
     work.ddtd_spec = getattr(work, "ddtd_spec", None)
     return CompressResult(work, report, records)
+
+
+def solve_cost(layer: nn.Module, p: LayerPlan) -> float:
+    """Estimated cost of fitting one layer: per group ``D^3 + T D^2`` (``D`` inputs and ``T``
+    outputs per group: an eigendecomposition of Sigma and the products of the weight with it), once
+    per candidate format."""
+    groups = getattr(layer, "groups", 1)
+    d, t = layer.weight[0].numel(), layer.weight.shape[0] // groups
+    return float(max(1, len(p.candidates)) * groups * (d ** 3 + t * d ** 2))
+
+
+def _fit_shared(job: _Job, config: CompressConfig, configs: dict, plan_: Plan, work, parts, holdout) -> dict:
+    """Non-sequential fits of every planned layer on the ranks of the process group: layers given
+    to ranks by estimated cost (:func:`solve_cost`, :func:`ddtd.distributed.assign_by_cost`), each
+    rank fitting its own, the ``(report row, fit)`` of all gathered on every rank (factors through
+    the CPU)."""
+    owner = distributed.assign_by_cost({p.name: solve_cost(get_module(work, p.name), p) for p in plan_.layers})
+    cpu = lambda t: t.cpu()  # noqa: E731
+    mine = {}
+    for p in plan_.layers:
+        if owner[p.name] == distributed.rank():
+            row, fit = _fit_layer(job, config, configs, p, plan_, work, None, parts, "off", holdout.get(p.name))
+            mine[p.name] = (row, fit if fit is None else replace(fit, factors=map_tensors(fit.factors, cpu),
+                                                                 bias=map_tensors(fit.bias, cpu)))
+    here = lambda t: t.to(job.device)  # noqa: E731
+    out = {}
+    for part in distributed.agree(mine):
+        for name, (row, fit) in part.items():
+            out[name] = (row, fit if fit is None else replace(fit, factors=map_tensors(fit.factors, here),
+                                                              bias=map_tensors(fit.bias, here)))
+    return out
 
 
 def _log_layer(row: LayerReport, fit: LayerFit) -> None:
