@@ -42,7 +42,7 @@ from .errors import DdtdError, InputError
 
 __all__ = ["RankFailure", "active", "rank", "world_size", "launched", "init_from_env", "rank_device", "launch",
            "shard_bounds", "agree", "broadcast", "shared_failures", "all_reduce_sums", "sum_moments",
-           "image_batches", "batch_filter", "assign_by_cost", "TORCHRUN_ENV"]
+           "image_batches", "batch_filter", "assign_by_cost", "free_port", "TORCHRUN_ENV"]
 
 log = logging.getLogger("ddtd")
 
