@@ -60,8 +60,8 @@ def accuracy(model, x, y, batch=500) -> float:
 
 def _seq_label(value, norm: str = "sigma") -> str:
     """Rows store the mode the pipeline used: 'auto' / 'on' / 'off' (older rows: a bool)."""
-    if value is None:
-        return "auto" if norm == "sigma" else "off"
+    if value is None or value == "auto":
+        return "auto" if norm == "sigma" else "off"  # the Frobenius baseline uses no data
     if isinstance(value, bool):
         return "on" if value else "off"
     return str(value)
@@ -335,7 +335,6 @@ def main(argv=None) -> int:
     ap.add_argument("--render", action="store_true", help="only render the table and plot")
     ap.add_argument("--redo", action="store_true", help="recompute rows already in the results file (replacing them)")
     args = ap.parse_args(argv)
-    args.sequential = [None if s == "auto" else s == "on" for s in args.sequential]
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.render:
