@@ -30,7 +30,7 @@ from .layers import build as build_layer
 from .methods import SvdConfig
 from .solvers import eigh
 
-__all__ = ["SequentialDecision", "decide", "capture", "cross_moments", "regression_target", "mode_for",
+__all__ = ["SequentialDecision", "decide", "capture", "cross_moments", "regression_target", "support_eigh", "mode_for",
            "paired_z", "split_holdout", "SEQUENTIAL_Z", "SEQUENTIAL_IMAGES"]
 
 #: ``"auto"`` keeps a layer sequential only when the held-out output error of the sequential
@@ -99,17 +99,38 @@ def cross_moments(layer: nn.Module, xs: list[torch.Tensor], xts: list[torch.Tens
 def regression_target(W: torch.Tensor, c_tt: torch.Tensor, c_xt: torch.Tensor, eps_rel: float = 1e-10):
     """``W' = W C_{x x~} C_{x~ x~}^+ + W (I - P)`` per group, ``P`` the projector onto the
     directions ``x~`` visits: among the optimal regressions, the one closest to ``W`` (it keeps
-    the original weights where the calibration data says nothing)."""
+    the original weights where the calibration data says nothing).
+
+    ``C_{x~ x~}`` is decomposed on its support only (:func:`support_eigh`): the input
+    coordinates that are always zero (patch entries that only ever meet zero padding, e.g. the
+    eight outer taps of a 3x3 conv on a 1x1 map) have zero rows and columns, contribute zero
+    eigenvalues, which the ``eps_rel`` cut drops, and nothing to ``P``."""
     g = c_tt.shape[0]
     Wg = W.to(torch.float64).reshape(g, W.shape[0] // g, -1)
     out = []
     for i in range(g):
-        ev, V = eigh(c_tt[i])
-        keep = ev > eps_rel * ev.max().clamp_min(1e-300)
-        Vk = V[:, keep]
-        pinv = (Vk / ev[keep]) @ Vk.T
-        out.append(Wg[i] @ c_xt[i] @ pinv + Wg[i] - (Wg[i] @ Vk) @ Vk.T)
+        ev, v, idx = support_eigh(c_tt[i])
+        keep = ev > eps_rel * (ev.max() if ev.numel() else ev.new_zeros(())).clamp_min(1e-300)
+        vk = v[:, keep]  # the kept eigenvectors, on the support
+        w = Wg[i].clone()
+        w[:, idx] += ((Wg[i] @ c_xt[i][:, idx] @ vk) / ev[keep] - Wg[i][:, idx] @ vk) @ vk.T
+        out.append(w)
     return torch.cat(out).reshape(W.shape).to(W.dtype)
+
+
+def support_eigh(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eigendecomposition of the symmetric ``(D, D)`` matrix ``c`` on its support ``idx``, the
+    ``k`` coordinates whose row or column is not all zero: ``(eigenvalues (k,) ascending, eigenvectors
+    (k, k) over those coordinates, idx)``. The other ``D - k`` eigenpairs (eigenvalue 0, the unit
+    vectors of the zero coordinates) are left out: one ``k x k`` eigendecomposition instead of a
+    ``D x D`` one."""
+    nonzero = c != 0
+    idx = (nonzero.any(dim=1) | nonzero.any(dim=0)).nonzero().squeeze(1)
+    if not idx.numel():
+        return c.new_zeros(0), c.new_zeros(0, 0), idx
+    if idx.numel() == c.shape[0]:
+        return (*eigh(c), idx)
+    return (*eigh(c[idx][:, idx]), idx)
 
 
 def sequential_data(layer: nn.Module, xs, xts) -> LayerData:

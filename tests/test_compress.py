@@ -138,6 +138,31 @@ def test_sequential_fit_is_optimal_for_the_compressed_inputs():
     assert e_seq < e_plain, (float(e_seq), float(e_plain))  # optimal for its objective
 
 
+def test_regression_target_on_the_support_equals_the_full_pseudo_inverse():
+    """A 3x3 conv on a 1x1 map: eight of nine taps only meet zero padding, so ``C_{x~x~}`` has
+    zero rows; the target from the support's eigendecomposition equals ``W C_{xx~} C_{x~x~}^+ +
+    W (I - P)`` from the full one (float rounding), and keeps ``W`` on the zero coordinates."""
+    torch.manual_seed(0)
+    layer = nn.Conv2d(16, 12, 3, padding=1)
+    x = torch.randn(40, 16, 1, 1)
+    xt = x + 0.3 * torch.randn_like(x)
+    c_tt, c_xt, _, _ = sequential.cross_moments(layer, [x], [xt])
+    W = layer.weight.detach().double()
+    ev, V = torch.linalg.eigh(c_tt[0])
+    Vk = V[:, ev > 1e-10 * ev.max()]
+    full = W.reshape(12, -1) @ (c_xt[0] @ torch.linalg.pinv(c_tt[0], hermitian=True, rtol=1e-10)
+                                + torch.eye(144, dtype=torch.float64) - Vk @ Vk.T)
+    got = sequential.regression_target(W, c_tt, c_xt)
+    torch.testing.assert_close(got.reshape(12, -1), full, rtol=1e-9, atol=1e-9)
+    ev_s, v_s, idx = sequential.support_eigh(c_tt[0])
+    assert idx.tolist() == list(range(4, 144, 9))  # the centre tap of each channel
+    torch.testing.assert_close(ev_s, ev[-16:], rtol=1e-10, atol=1e-12)
+    outer = torch.ones(144, dtype=torch.bool)
+    outer[idx] = False
+    assert torch.equal(got.reshape(12, -1)[:, outer], W.reshape(12, -1)[:, outer])
+    assert torch.equal(sequential.regression_target(W, torch.zeros_like(c_tt), c_xt), W)
+
+
 def test_saved_file_reloads_with_weights_only_and_same_outputs(tmp_path):
     torch.manual_seed(0)
     model = load_model("ddtd.zoo:vgg_fmnist")
