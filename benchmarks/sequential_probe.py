@@ -69,7 +69,7 @@ def choice_inputs(model, data, cal) -> tuple[list, list | None]:
 
     transform = image_transform(model, data, cal.transform)
     bs = cal.batch_size or default_batch_size(data, transform)
-    it, _, _ = input_batches(data, transform, cal.num_images, cal.seed, bs, lambda n: None, model)
+    it, _, _ = input_batches(data, transform, cal, bs, model=model)
     batches = [to_device(b, "cpu") for b in it]
     if cal.holdout and count(batches) >= 16:
         kept, _ = split_batches(batches, cal.holdout, cal.seed + FIDELITY_SEED_OFFSET)

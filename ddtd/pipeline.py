@@ -133,8 +133,7 @@ def _read_inputs(model: nn.Module, data, cal: CalibrationConfig, device) -> _Inp
     batch_size = cal.batch_size or (default_batch_size(data, transform) if data is not None else 64)
     batches = heldout = None
     if data is not None:
-        it, _, _ = input_batches(data, transform, cal.num_images, cal.seed, batch_size, lambda n: None, model,
-                                 shard=False)
+        it, _, _ = input_batches(data, transform, cal, batch_size, model=model, shard=False)
         batches = [to_device(b, "cpu") for b in it]
         if not batches:
             raise InputError("no calibration inputs", hint="pass a non-empty image folder, DataLoader or tensor")

@@ -76,8 +76,8 @@ def default_batch_size(data, transform: ImageTransform | None) -> int:
     return 32
 
 
-def input_batches(data, transform: ImageTransform | None, num_images, seed, batch_size, progress,
-                  model: nn.Module | None = None, shard: bool = True):
+def input_batches(data, transform: ImageTransform | None, config: CalibrationConfig, batch_size: int, *,
+                  progress=None, model: nn.Module | None = None, shard: bool = True):
     """The accepted data kinds as an iterator of batches (:mod:`ddtd.inputs`), plus the image
     folder (or ``None``) and a description of the source.
 
@@ -85,11 +85,14 @@ def input_batches(data, transform: ImageTransform | None, num_images, seed, batc
     arguments) or a dict of tensors (keyword arguments) holding all samples, cut into batches of
     ``batch_size``; or an iterable of batches (a DataLoader, a list, a generator; an ``(inputs,
     labels)`` pair gives its inputs: :func:`ddtd.inputs.unpack_loader_batch`, told how many
-    positional inputs ``model`` takes), used as they come. At most ``num_images`` samples.
+    positional inputs ``model`` takes), used as they come. At most ``config.num_images``
+    samples, drawn with ``config.seed``; ``progress(n)`` is told of every batch.
 
     In an initialised ``torch.distributed`` group with ``shard``, each rank gets its shard of them
     (:mod:`ddtd.distributed`): images and samples in contiguous blocks, batches by position."""
     shard = shard and distributed.active()
+    num_images, seed = config.num_images, config.seed
+    progress = progress or (lambda n: None)
     if isinstance(data, (str, os.PathLike)):
         folder = ImageFolder.scan(data)
         if shard:
@@ -193,7 +196,7 @@ def _calibrate(model: nn.Module, data, config, layers, max_dim, device, check_va
     quiet = distributed.rank() != 0 or (show_progress is not None and not show_progress)
     bar = tqdm(total=num_images if isinstance(data, (str, os.PathLike)) else None,
                unit="img", desc="calibrating", disable=True if quiet else None if show_progress is None else False)
-    batches, folder, source = input_batches(data, transform, num_images, seed, batch_size, bar.update, model)
+    batches, folder, source = input_batches(data, transform, config, batch_size, progress=bar.update, model=model)
     count = 0
     collector = MomentCollector(model, layers=layers, max_dim=max_dim)
     for name, reason in collector.skipped.items():

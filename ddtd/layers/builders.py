@@ -519,7 +519,7 @@ def build_tt(layer: nn.Module, *factors, bias: torch.Tensor | None = None,
         conv = isinstance(layer, nn.Conv2d)
         return TTMatrix.from_cores(cores, b, conv=conv, stride=layer.stride if conv else (1, 1), name=name)
     Cs, Ys, Xs, Ts = _grouped_factors("tt", layer, list(factors), ["C", "Y", "X", "T"], name)
-    return tt_conv_chain(layer, Cs, Ys, Xs, Ts, b, _conv, axis_geometry(layer))
+    return tt_conv_chain(layer, (Cs, Ys, Xs, Ts), b, _conv, axis_geometry(layer))
 
 
 def build_dense(layer: nn.Module, weight: torch.Tensor | None = None,

@@ -131,10 +131,11 @@ class TTMatrix(nn.Module):
         return m
 
 
-def tt_conv_chain(layer: nn.Conv2d, Cs, Ys, Xs, Ts, bias, conv_factory, geometry) -> nn.Sequential:
-    """The TT-convolution chain (module docstring) from per-group factor lists;
-    ``conv_factory`` builds one ``nn.Conv2d`` from ``(in, out, kernel, weight, bias, **geometry)``,
+def tt_conv_chain(layer: nn.Conv2d, factors, bias, conv_factory, geometry) -> nn.Sequential:
+    """The TT-convolution chain (module docstring) from ``factors = (Cs, Ys, Xs, Ts)``, per-group
+    factor lists; ``conv_factory`` builds one ``nn.Conv2d`` from ``(in, out, kernel, weight, bias, **geometry)``,
     ``geometry`` is the ``(kh x 1, 1 x kw)`` pair of :func:`ddtd.layers.builders.axis_geometry`."""
+    Cs, Ys, Xs, Ts = factors
     T, S, g = layer.out_channels, layer.in_channels, layer.groups
     kh, kw = layer.kernel_size
     geo_h, geo_w = geometry
