@@ -243,13 +243,21 @@ def _check_explicit(fmt, ranks, T, S, kh, kw, name):
                          hint=f"use a rank <= min(out, in*kh*kw) = {min(T, D)}")
 
 
-def _uniform_plan(shapes, fmts, target, measure, fixed):
+def _slower_than_dense(fmt: str, shape: LayerShape, ranks) -> bool:
+    """Whether ``fmt`` at ``ranks`` needs more multiply-adds than the dense layer (a budget of
+    ``both`` keeps such a layer dense, so the allocation must not count its savings)."""
+    return format_macs(fmt, shape, ranks) > shape.dense_macs
+
+
+def _uniform_plan(shapes, fmts, target, measure, fixed, mac_cap=False):
     """Same per-layer ratio rho for every layer, found by bisection on the achieved total."""
 
     def total_at(rho):
         plan, tot = {}, fixed
         for name, shape in shapes.items():
             ranks = resolve_rank(Ratio(rho), fmts[name], shape, name=name) if rho > 1 else None
+            if ranks is not None and mac_cap and _slower_than_dense(fmts[name], shape, ranks):
+                ranks = None
             plan[name] = ranks
             tot += measure(fmts[name] if ranks is not None else "dense", shape, ranks)
         return plan, tot
@@ -268,7 +276,8 @@ def _uniform_plan(shapes, fmts, target, measure, fixed):
     return total_at(hi)[0]
 
 
-def _global_plan(shapes, fmts, target, measure, fixed, spectra, steps=64, weights=None, max_layer_error=None):
+def _global_plan(shapes, fmts, target, measure, fixed, spectra, steps=64, weights=None, max_layer_error=None,
+                 mac_cap=False):
     """Greedy: repeatedly shrink the layer whose error rises least per unit saved (errors
     relative to each layer's output energy, or weighted absolute errors, see :func:`allocate`)."""
     frac = {n: 1.0 for n in shapes}
@@ -282,6 +291,8 @@ def _global_plan(shapes, fmts, target, measure, fixed, spectra, steps=64, weight
         g = shape.groups
         r = rank_for_budget(fmts[name], shape.T // g, shape.S, shape.kh, shape.kw, budget_params)
         if param_count(fmts[name], shape.T // g, shape.S, shape.kh, shape.kw, r) * g >= shape.dense_params:
+            return None
+        if mac_cap and _slower_than_dense(fmts[name], shape, r):
             return None
         return r
 
@@ -388,11 +399,12 @@ def allocate(shapes: dict[str, LayerShape], fmts: dict[str, str], request, *, to
     fixed = total - selected
     target = total / ratio
     if strategy == "uniform":
-        plan = _uniform_plan(shapes, fmts, target, measure, fixed)
+        plan = _uniform_plan(shapes, fmts, target, measure, fixed, mac_cap=budget == "both")
     elif strategy == "global":
         plan = None
         for cap in (LAYER_ERROR_CAPS if weights is not None else (None,)):
-            plan = _global_plan(shapes, fmts, target, measure, fixed, spectra, weights=weights, max_layer_error=cap)
+            plan = _global_plan(shapes, fmts, target, measure, fixed, spectra, weights=weights, max_layer_error=cap,
+                                mac_cap=budget == "both")
             if plan is not None:
                 break
     else:
