@@ -119,8 +119,7 @@ def solve(layer: nn.Module, config: MethodConfig, ranks, data: LayerData, *, nor
     ``sigma_error`` is still measured in ``data.sigma``). Pure tensor maths: the layer is not
     changed."""
     m = get_method(config.name)
-    if hasattr(config, "for_layer"):
-        config = config.for_layer(layer)
+    config = config.for_layer(layer)
     W = layer.weight.detach()
     Wt = W if data.target is None else data.target
     g = data.sigma.shape[0]

@@ -47,6 +47,11 @@ class MethodConfig:
 
     name: ClassVar[str] = ""
 
+    def for_layer(self, layer: nn.Module) -> "MethodConfig":
+        """This config as it applies to ``layer`` (a method whose options depend on the layer's
+        geometry overrides it; the weight alone does not show padding or stride)."""
+        return self
+
     def __post_init__(self):
         if self.damping is not None and not 0 <= self.damping < 1:
             raise InputError(f"damping must be in [0, 1), got {self.damping}", hint="e.g. 1e-3")
